@@ -1,0 +1,79 @@
+"""The contract between a service plug-in and the rest of dicomd.
+
+A service declares:
+- ``name``: its key under ``local_aes[].services`` in the configuration;
+- ``Options``: a pydantic model of its own options there (unknown keys are errors);
+- ``permissions``: the verbs the access policy grants for it (``echo``, ``store``, ...);
+- ``offers()``: the presentation contexts it serves, so the acceptor can negotiate;
+- ``handle()``: one DIMSE request on an association;
+- ``run()``: optional background work for the life of the process (a writer, a watcher).
+  The supervisor restarts it with backoff if it fails, without touching other services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from dicomd.association import Association, Request
+    from dicomd.config import Config, LocalAE
+
+
+class ServiceOptions(BaseModel):
+    """Base of every service's options: strict, unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """One abstract syntax a service serves, with transfer syntaxes in preference order.
+
+    ``scu_role``/``scp_role`` are what we accept if the requestor proposes SCP/SCU role
+    selection (PS3.7 D.3.3.4); None means role selection is not supported for it.
+    """
+
+    abstract_syntax: str
+    transfer_syntaxes: tuple[str, ...]
+    scu_role: bool | None = None
+    scp_role: bool | None = None
+
+
+@dataclass(slots=True)
+class ServiceContext:
+    """What a service instance may use: the whole config and the local AE it serves."""
+
+    config: Config
+    local_ae: LocalAE
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Service(ABC):
+    name: ClassVar[str]
+    Options: ClassVar[type[ServiceOptions]] = ServiceOptions
+    permissions: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, options: ServiceOptions, context: ServiceContext) -> None:
+        self.options = options
+        self.context = context
+
+    @abstractmethod
+    def offers(self) -> list[Offer]:
+        """Presentation contexts this service accepts on its local AE."""
+
+    def permission_for(self, request: Request) -> str:
+        """The access-policy verb a request needs; services with one verb need not override."""
+        return self.permissions[0]
+
+    @abstractmethod
+    async def handle(self, association: Association, request: Request) -> None:
+        """Serve one DIMSE request (the association calls this per request)."""
+
+    async def run(self) -> None:
+        """Background work for the life of the process. The default has none."""
+        await asyncio.Event().wait()
