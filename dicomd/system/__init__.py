@@ -1,0 +1,1 @@
+"""Operating-system glue: sd_notify, socket activation, privilege drop, journald."""
