@@ -22,6 +22,7 @@ from dicomd.net.negotiation import (
     RJ_TRANSIENT,
     RJ_USER_APPLICATION_CONTEXT_NOT_SUPPORTED,
     RJ_USER_CALLED_AE_NOT_RECOGNIZED,
+    AssociationRequest,
     ContextOffer,
     build_accept,
     build_reject,
@@ -97,6 +98,8 @@ class AcceptorAssociation(Association):
         self.generation = generation
         self.listener = listener
         self.local_ae: LocalAEHandle | None = None
+        # What the A-ASSOCIATE-RQ proposed (roles, extended negotiation, user identity).
+        self.negotiation: AssociationRequest | None = None
         self.permitted: frozenset[str] = frozenset()
         self._counted = False
         generation.open_associations += 1
@@ -108,6 +111,7 @@ class AcceptorAssociation(Association):
     def on_associate_indication(self, event: ev.AssociateIndication) -> None:
         gen = self.generation
         request = parse_request(event.request)
+        self.negotiation = request
         self.calling_ae, self.called_ae = request.calling_ae, request.called_ae
         self.peer_max_pdu_length = request.max_pdu_length
         self.peer_implementation = (

@@ -318,10 +318,11 @@ class Association:
                         incoming.feed(message.data, message.is_last)
                 if message.is_last:
                     self._incoming = None
-                    self.link.in_message = False
                     self._maybe_release()
             else:
                 self._on_command(message.context_id, message.command)
+        # While a message is incomplete we wait on the peer: the DIMSE timeout applies.
+        self.link.in_message = self._assembler.in_message
 
     def _on_command(self, context_id: int, command: dimse.Command) -> None:
         self.messages_in += 1
@@ -338,7 +339,6 @@ class Association:
                 return
             if command.has_dataset:
                 self._incoming = _ResponseCollector(queue, command)
-                self.link.in_message = True
             else:
                 queue.put_nowait(Response(command, None))
             return
@@ -352,7 +352,6 @@ class Association:
         request = Request(self, context, command, stream, time.monotonic(), asyncio.Event())
         if stream is not None:
             self._incoming = stream
-            self.link.in_message = True
         self._in_flight[int(command.message_id or 0)] = request
         self.link.busy = True
         task = asyncio.get_running_loop().create_task(self._serve(request))
@@ -391,6 +390,7 @@ class Association:
         finally:
             self._in_flight.pop(int(request.command.message_id or 0), None)
             self.link.busy = bool(self._in_flight)
+            self.link.touch()
             if not self.link.upper.is_closed:
                 self._maybe_release()
 

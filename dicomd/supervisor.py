@@ -17,7 +17,7 @@ import socket
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dicomd.acceptor import AcceptorAssociation, Counters, Generation
 from dicomd.config import ConfigError, LoadedConfig, load_config
@@ -58,7 +58,9 @@ class ServiceSet:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
-def build_services(config: Config, registry: Registry) -> dict[str, dict[str, Service]]:
+def build_services(
+    config: Config, registry: Registry, shared: dict[str, Any] | None = None
+) -> dict[str, dict[str, Service]]:
     """Instantiate every enabled service per local AE. A service that cannot be built is
     a configuration error, reported as such (not a crash)."""
     result: dict[str, dict[str, Service]] = {}
@@ -71,7 +73,9 @@ def build_services(config: Config, registry: Registry) -> dict[str, dict[str, Se
                 problems.append(f"local_aes[{index}].services.{name}: service is not installed")
                 continue
             try:
-                services[name] = cls(options, ServiceContext(config=config, local_ae=ae))
+                services[name] = cls(
+                    options, ServiceContext(config=config, local_ae=ae, shared=shared or {})
+                )
             except Exception as exc:
                 problems.append(f"local_aes[{index}].services.{name}: cannot start: {exc}")
         result[ae.ae_title] = services
@@ -115,6 +119,8 @@ class Supervisor:
         self.generation: Generation | None = None
         self.service_sets: dict[int, ServiceSet] = {}
         self.links: set[Link] = set()
+        # Process-wide resources services share (ServiceContext.shared), kept across reloads.
+        self.shared: dict[str, Any] = {}
         self.stopping = asyncio.Event()
         self._reloading = False
         self._background: set[asyncio.Task[None]] = set()
@@ -155,6 +161,15 @@ class Supervisor:
             return
         if config.run_as.allow_root:
             log.warning("running_as_root", reason="run_as.allow_root is true")
+            return
+        if self.loaded.is_default:
+            # The embedded defaults are for trying dicomd from a source tree, where ./var
+            # belongs to whoever started it; a configured dicomd always drops to run_as.
+            log.warning(
+                "running_as_root",
+                reason="development defaults keep the invoking user; never use them in "
+                "production (a configuration file makes dicomd drop to run_as)",
+            )
             return
         try:
             privileges.drop_privileges(config.run_as.user, config.run_as.group)
@@ -211,7 +226,7 @@ class Supervisor:
         return f"serving {aes} on port {ports}; {self.counters.active} associations"
 
     def _new_generation(self, config: Config) -> Generation:
-        instances = build_services(config, self.registry)
+        instances = build_services(config, self.registry, self.shared)
         generation = Generation(config, instances, self.counters)
         service_set = ServiceSet(instances)
         for ae_title, services in instances.items():

@@ -64,10 +64,10 @@ class Link(asyncio.Protocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self.closed = self.loop.create_future()
-        # Set by the owner: True while a message is incomplete (dimse_timeout applies),
-        # False while idle between messages (idle_timeout applies).
+        # Set by the owner: True while a received message is incomplete (dimse_timeout
+        # applies); busy while a request is being served (idle_timeout does not apply).
         self.in_message = False
-        self.busy = False  # a request is being served: neither timeout applies
+        self.busy = False
         self._artim: asyncio.TimerHandle | None = None
         self._watch: asyncio.TimerHandle | None = None
         self._last_activity = self.loop.time()
@@ -167,6 +167,10 @@ class Link(asyncio.Protocol):
         self._drain_waiters.append(waiter)
         await waiter
 
+    def touch(self) -> None:
+        """Restart the idle clock (a request finished: idleness counts from now)."""
+        self._last_activity = self.loop.time()
+
     def pause_reading(self) -> None:
         if not self._paused_reading and self.transport is not None:
             self._paused_reading = True
@@ -226,10 +230,15 @@ class Link(asyncio.Protocol):
         self._watch = None
         if self.transport is None or self.upper.is_closed:
             return
-        if self.upper.is_established and not self.busy and not self._paused_reading:
-            limit = self.dimse_timeout if self.in_message else self.idle_timeout
+        if self.upper.is_established and not self._paused_reading:
+            # Waiting on the peer mid-message: DIMSE timeout. Idle between messages with
+            # nothing being served: idle timeout. Serving a request: the service's business.
+            limit = 0.0
+            if self.in_message:
+                limit, what = self.dimse_timeout, "DIMSE timeout"
+            elif not self.busy:
+                limit, what = self.idle_timeout, "idle timeout"
             if limit > 0 and self.loop.time() - self._last_activity >= limit:
-                what = "DIMSE timeout" if self.in_message else "idle timeout"
                 if self.on_timeout is not None:
                     self.on_timeout(f"{what} after {limit:g} s")
                 self.abort()

@@ -424,11 +424,39 @@ def test_unreadable_file_is_a_directory(tmp_path: Path) -> None:
     assert errors(path) == [f"{path}: cannot read: Is a directory"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_unreadable_file_permission(tmp_path: Path) -> None:
     path = write(tmp_path, BASE)
     path.chmod(0)
-    assert errors(path) == [f"{path}: cannot read: Permission denied"]
+    if os.geteuid() != 0:
+        assert errors(path) == [f"{path}: cannot read: Permission denied"]
+        return
+    # Root reads files whatever their mode: check as 'nobody' in a forked child, which
+    # already has every module loaded (the interpreter may live where nobody can read),
+    # on a file in a directory nobody can traverse (pytest's tmp_path parents are 0700).
+    import shutil
+    import tempfile
+
+    public = Path(tempfile.mkdtemp(prefix="dicomd-perm-"))
+    public.chmod(0o755)
+    path = write(public, BASE)
+    path.chmod(0)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            os.write(write_end, "\n".join(errors(path)).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        found = pipe.read().decode()
+    os.waitpid(pid, 0)
+    shutil.rmtree(public)
+    assert found == f"{path}: cannot read: Permission denied"
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -306,7 +306,6 @@ def test_embedded_defaults_first_log_line(tmp_path: Path) -> None:
         probe.close()
         pytest.skip("port 11112 is in use on this machine")
     probe.close()
-    # As root the defaults would drop to 'dicomd'; the test runs them as they are.
     proc = subprocess.Popen(
         [sys.executable, "-m", "dicomd", "run"],
         cwd=tmp_path,
@@ -318,15 +317,15 @@ def test_embedded_defaults_first_log_line(tmp_path: Path) -> None:
         first = proc.stdout.readline().decode()  # type: ignore[union-attr]
         assert "running_on_defaults" in first, first
         assert str(tmp_path / "var") in first
-        if os.geteuid() != 0:
-            wait_for_port(11112, proc=proc)
-            r = subprocess.run(
-                [sys.executable, "-m", "dicomd", "echo", "127.0.0.1", "11112", "--aec", "DICOMD"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
-            assert r.returncode == 0, r.stderr
+        wait_for_port(11112, proc=proc)
+        r = subprocess.run(
+            [sys.executable, "-m", "dicomd", "echo", "127.0.0.1", "11112", "--aec", "DICOMD"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "var" / "archive").is_dir()
     finally:
         proc.terminate()
         proc.wait(15)

@@ -46,11 +46,14 @@ class Offer:
 
 @dataclass(slots=True)
 class ServiceContext:
-    """What a service instance may use: the whole config and the local AE it serves."""
+    """What a service instance may use: the whole config, the local AE it serves, and
+    ``shared``: one dict for the whole process (the same object across reloads), where
+    services keep resources several instances use, such as the archive and its index.
+    """
 
     config: Config
     local_ae: LocalAE
-    extra: dict[str, Any] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
 
 
 class Service(ABC):

@@ -1,0 +1,113 @@
+"""Backpressure: a service that consumes a data set slowly makes the transport stop
+reading, so memory stays bounded, and every byte still arrives intact. In-process: a test
+service on a real listening socket, our requestor as the client."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from typing import Any, ClassVar
+
+from dicomd import association as association_module
+from dicomd.acceptor import AcceptorAssociation, Counters, Generation
+from dicomd.association import associate
+from dicomd.config import parse_config
+from dicomd.net import dimse
+from dicomd.services.base import Offer, Service, ServiceContext
+from dicomd.services.registry import Registry
+from dicomd.transport import Link
+
+SLOW_SOP_CLASS = "1.2.826.0.1.3680043.9.9999.1"  # a private test abstract syntax
+EXPLICIT = "1.2.840.10008.1.2.1"
+
+
+class SlowSink(Service):
+    name: ClassVar[str] = "slowsink"
+    permissions: ClassVar[tuple[str, ...]] = ("store",)
+    seen: ClassVar[dict[str, Any]] = {}
+
+    def offers(self) -> list[Offer]:
+        return [Offer(SLOW_SOP_CLASS, (EXPLICIT,))]
+
+    async def handle(self, association: Any, request: Any) -> None:
+        digest = hashlib.sha256()
+        peak = 0
+        async for fragment in request.dataset:
+            peak = max(peak, request.dataset._buffered + len(fragment))
+            digest.update(fragment)
+            await asyncio.sleep(0.002)  # a slow disk
+        self.seen.update(sha256=digest.hexdigest(), peak=peak, size=request.dataset.size)
+        await association.respond(request, status=0)
+
+
+async def run_server(config: Any, registry: Registry) -> tuple[asyncio.Server, int]:
+    ae = config.local_aes[0]
+    services = {ae.ae_title: {"slowsink": SlowSink(SlowSink.Options(), ServiceContext(config, ae))}}
+    generation = Generation(config, services, Counters())
+
+    def factory() -> Link:
+        return Link(
+            AcceptorAssociation(generation, "dicom"),
+            requestor=False,
+            max_pdu_length=config.limits.max_pdu_length,
+            artim_timeout=30,
+            dimse_timeout=30,
+            idle_timeout=30,
+        )
+
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def test_slow_consumer_pauses_reading(monkeypatch: Any) -> None:
+    pauses: list[int] = []
+    original = Link.pause_reading
+
+    def counting_pause(self: Link) -> None:
+        if not self.upper.requestor:
+            pauses.append(1)
+        original(self)
+
+    monkeypatch.setattr(Link, "pause_reading", counting_pause)
+    registry = Registry({"slowsink": SlowSink})
+    config = parse_config(
+        {
+            "listeners": [{"name": "dicom", "address": "127.0.0.1", "port": 11112}],
+            "local_aes": [{"ae_title": "SINK", "services": {"slowsink": None}}],
+            "access": {"default": "allow"},
+            "limits": {"max_pdu_length": 65536},
+        },
+        registry=registry,
+    )
+    payload = os.urandom(40 * 1024 * 1024)
+
+    async def main() -> int:
+        server, port = await run_server(config, registry)
+        try:
+            assoc = await associate(
+                "127.0.0.1",
+                port,
+                calling_ae="BIGSENDER",
+                called_ae="SINK",
+                contexts=[(SLOW_SOP_CLASS, [EXPLICIT])],
+                max_pdu_length=65536,
+            )
+            fields = dimse.c_store_rq(1, SLOW_SOP_CLASS, "1.2.3.4")
+            status = -1
+            async for response in assoc.request(
+                assoc.context_for(SLOW_SOP_CLASS), fields, payload, timeout=120
+            ):
+                status = response.status
+            await assoc.release()
+            return status
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    assert asyncio.run(main()) == 0
+    assert SlowSink.seen["size"] == len(payload)
+    assert SlowSink.seen["sha256"] == hashlib.sha256(payload).hexdigest()
+    assert pauses, "the transport never paused reading"
+    # Buffered data stays near the high-water mark, far below the 40 MiB sent.
+    assert SlowSink.seen["peak"] < association_module.STREAM_HIGH_WATER + 2 * 1024 * 1024
