@@ -1,0 +1,1 @@
+"""The archive: blob store (layout, atomic durable writes, digests) and its SQL index."""
