@@ -1,0 +1,1 @@
+"""Modality worklist sources: DCMTK-compatible folders and an SQL table; dump import."""
