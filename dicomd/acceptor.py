@@ -8,13 +8,15 @@ already open finish on the one they started with.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-from dicomd.access import AssociationFacts, decide
+from dicomd.access import AccessDecision, AssociationFacts, decide
 from dicomd.association import Association
 from dicomd.net import events as ev
 from dicomd.net.negotiation import (
     APPLICATION_CONTEXT_NAME,
+    RESULT_ABSTRACT_SYNTAX_NOT_SUPPORTED,
+    RESULT_USER_REJECTION,
     RJ_PERMANENT,
     RJ_PRESENTATION_LOCAL_LIMIT_EXCEEDED,
     RJ_SOURCE_PRESENTATION,
@@ -23,7 +25,9 @@ from dicomd.net.negotiation import (
     RJ_USER_APPLICATION_CONTEXT_NOT_SUPPORTED,
     RJ_USER_CALLED_AE_NOT_RECOGNIZED,
     AssociationRequest,
+    ContextDecision,
     ContextOffer,
+    Negotiated,
     build_accept,
     build_reject,
     negotiate_contexts,
@@ -33,7 +37,7 @@ from dicomd.net.negotiation import (
 if TYPE_CHECKING:
     from dicomd.association import Request
     from dicomd.config import Config, LocalAE
-    from dicomd.services.base import Service
+    from dicomd.services.base import Offer, Service
 
 
 @dataclass
@@ -42,11 +46,15 @@ class LocalAEHandle:
     services: dict[str, Service]
     # abstract syntax → (offer, service); the first service that offers a syntax wins.
     by_syntax: dict[str, tuple[ContextOffer, Service]] = field(default_factory=dict)
+    # abstract syntax → the access-policy verb its contexts need (Offer.permission, else
+    # the service's first permission).
+    verb_by_syntax: dict[str, str] = field(default_factory=dict)
     active: int = 0
 
     def __post_init__(self) -> None:
         for service in self.services.values():
             for offer in service.offers():
+                self.verb_by_syntax.setdefault(offer.abstract_syntax, offer_verb(offer, service))
                 self.by_syntax.setdefault(
                     offer.abstract_syntax,
                     (
@@ -68,6 +76,9 @@ class Counters:
     active: int = 0
     accepted: int = 0
     rejected: int = 0
+    refused_on_connect: int = 0
+    # source address → associations it holds (limits.max_associations_per_address)
+    by_address: dict[str, int] = field(default_factory=dict)
 
 
 class Generation:
@@ -101,12 +112,47 @@ class AcceptorAssociation(Association):
         # What the A-ASSOCIATE-RQ proposed (roles, extended negotiation, user identity).
         self.negotiation: AssociationRequest | None = None
         self.permitted: frozenset[str] = frozenset()
+        self.decision: AccessDecision | None = None
+        self.address = ""
+        self.tls_subject: str | None = None
+        self.tls_names: tuple[str, ...] = ()
+        # Abstract syntaxes accepted through Service.offer_for() on this association.
+        self.extra_syntaxes: dict[str, Service] = {}
         self._counted = False
         generation.open_associations += 1
 
     def connection_started(self, link):  # type: ignore[no-untyped-def]
         super().connection_started(link)
         self.log = self.log.bind(dicom_listener=self.listener)
+        self.address = link.peer[0]
+        cert = link.tls_peer_certificate or {}
+        self.tls_subject = _cert_common_name(cert)
+        self.tls_names = tuple(
+            str(v) for k, v in cert.get("subjectAltName", ()) if k in ("DNS", "IP Address")
+        )
+        # Enforcement point 1: an address (and certificate) no rule can allow, whatever the
+        # AE titles, is dropped before any PDU is read.
+        facts = AssociationFacts(
+            address=self.address,
+            listener=self.listener,
+            tls_subject=self.tls_subject,
+            tls_names=self.tls_names,
+        )
+        decision = decide(self.generation.config, facts)
+        if not decision.allowed:
+            self.generation.counters.refused_on_connect += 1
+            self._end_reason = "rejected: refused on connect"
+            self.log.warning(
+                "connection_refused",
+                rule=decision.rule,
+                address=self.address,
+                listener=self.listener,
+                tls_subject=self.tls_subject,
+                reason=f"refused by {decision.rule}: no rule can allow this address",
+            )
+            self.generation.open_associations -= 1
+            self._refused = True
+            link.transport.abort()
 
     def on_associate_indication(self, event: ev.AssociateIndication) -> None:
         gen = self.generation
@@ -123,6 +169,7 @@ class AcceptorAssociation(Association):
         def reject(result: int, source: int, reason: int, why: str, **facts: object) -> None:
             gen.counters.rejected += 1
             self._end_reason = f"rejected: {why}"
+            facts.setdefault("address", self.address)
             self.log.warning("association_rejected", reason=why, **facts)
             self.link.associate_reject(build_reject(result, source, reason))
 
@@ -132,6 +179,7 @@ class AcceptorAssociation(Association):
                 RJ_SOURCE_USER,
                 RJ_USER_APPLICATION_CONTEXT_NOT_SUPPORTED,
                 f"application context {request.application_context!r} not supported",
+                rule="application context",
             )
             return
         handle = gen.local_ae_for(request.called_ae, self.listener)
@@ -143,24 +191,23 @@ class AcceptorAssociation(Association):
                 RJ_USER_CALLED_AE_NOT_RECOGNIZED,
                 f"called AE title {request.called_ae!r} is not served on listener "
                 f"{self.listener!r} (local AEs: {known})",
+                rule="local_aes",
             )
             return
-        cert = self.link.tls_peer_certificate or {}
-        subject = _cert_common_name(cert)
-        names = tuple(v for k, v in cert.get("subjectAltName", ()) if k in ("DNS", "IP Address"))
         identity = None
         if request.user_identity is not None and request.user_identity.kind in (1, 2):
             identity = request.user_identity.primary.decode("utf-8", "replace")
         facts = AssociationFacts(
-            address=self.link.peer[0],
+            address=self.address,
             calling_ae=request.calling_ae,
             called_ae=request.called_ae,
             listener=self.listener,
-            tls_subject=subject,
-            tls_names=names,
+            tls_subject=self.tls_subject,
+            tls_names=self.tls_names,
             user_identity=identity,
         )
         decision = decide(gen.config, facts)
+        self.decision = decision
         if not decision.allowed:
             reject(
                 RJ_PERMANENT,
@@ -168,6 +215,9 @@ class AcceptorAssociation(Association):
                 decision.reject_reason,
                 f"refused by {decision.rule}",
                 rule=decision.rule,
+                address=self.address,
+                tls_subject=self.tls_subject,
+                user_identity=identity,
             )
             return
         limits = gen.config.limits
@@ -177,6 +227,7 @@ class AcceptorAssociation(Association):
                 RJ_SOURCE_PRESENTATION,
                 RJ_PRESENTATION_LOCAL_LIMIT_EXCEEDED,
                 f"limit of {limits.max_associations} associations reached",
+                rule="limits.max_associations",
             )
             return
         ae_limit = handle.config.max_associations
@@ -186,18 +237,73 @@ class AcceptorAssociation(Association):
                 RJ_SOURCE_PRESENTATION,
                 RJ_PRESENTATION_LOCAL_LIMIT_EXCEEDED,
                 f"limit of {ae_limit} associations for {handle.config.ae_title} reached",
+                rule=f"local_aes ({handle.config.ae_title}).max_associations",
+            )
+            return
+        address_limit = limits.max_associations_per_address
+        if address_limit is not None and gen.counters.by_address.get(self.address, 0) >= (
+            address_limit
+        ):
+            reject(
+                RJ_TRANSIENT,
+                RJ_SOURCE_PRESENTATION,
+                RJ_PRESENTATION_LOCAL_LIMIT_EXCEEDED,
+                f"limit of {address_limit} associations from {self.address} reached",
+                rule="limits.max_associations_per_address",
             )
             return
         self.permitted = decision.services
-        offers = [
-            offer
-            for offer, service in handle.by_syntax.values()
-            if any(p in decision.services for p in service.permissions)
-        ]
-        negotiated = negotiate_contexts(request, offers)
+        # Enforcement point 3: contexts of services the decision does not grant are
+        # rejected with user-rejection (not "abstract syntax not supported": we do serve it).
+        offers = []
+        refused: dict[str, str] = {}  # abstract syntax → the verb it needed
+        for syntax, (offer, _service) in handle.by_syntax.items():
+            verb = handle.verb_by_syntax[syntax]
+            if decision.permits(verb):
+                offers.append(offer)
+            else:
+                refused[syntax] = verb
+        # Abstract syntaxes no offer names: a permitted service may still take them.
+        for cx in request.contexts:
+            syntax = cx.abstract_syntax
+            if syntax in handle.by_syntax or syntax in self.extra_syntaxes:
+                continue
+            for service in handle.services.values():
+                extra = service.offer_for(syntax)
+                if extra is None:
+                    continue
+                verb = offer_verb(extra, service)
+                if not decision.permits(verb):
+                    refused[syntax] = verb
+                    break
+                offers.append(
+                    ContextOffer(syntax, extra.transfer_syntaxes, extra.scu_role, extra.scp_role)
+                )
+                self.extra_syntaxes[syntax] = service
+                break
+        negotiated = _mark_refused(negotiate_contexts(request, offers), refused)
+        for verb in sorted(
+            {
+                refused[cx.abstract_syntax]
+                for cx in request.contexts
+                if cx.abstract_syntax in refused
+            }
+        ):
+            by = decision.by_service.get(verb, decision.rule)
+            self.log.warning(
+                "service_refused",
+                rule=by,
+                address=self.address,
+                service=verb,
+                contexts=sum(
+                    1 for cx in request.contexts if refused.get(cx.abstract_syntax) == verb
+                ),
+                reason=f"{verb!r} is refused by {by}",
+            )
         self.local_ae = handle
         handle.active += 1
         gen.counters.active += 1
+        gen.counters.by_address[self.address] = gen.counters.by_address.get(self.address, 0) + 1
         gen.counters.accepted += 1
         self._counted = True
         accept = build_accept(request, negotiated, max_pdu_length=limits.max_pdu_length)
@@ -206,6 +312,8 @@ class AcceptorAssociation(Association):
         self.log.info(
             "association_accepted",
             rule=decision.rule,
+            address=self.address,
+            tls_subject=self.tls_subject,
             contexts=[
                 f"{cx.context_id}:{cx.abstract_syntax}/{cx.transfer_syntax}"
                 for cx in negotiated.accepted.values()
@@ -220,13 +328,31 @@ class AcceptorAssociation(Association):
         if self.local_ae is None:
             return None
         entry = self.local_ae.by_syntax.get(request.context.abstract_syntax)
-        return entry[1] if entry is not None else None
+        if entry is None:
+            service = self.extra_syntaxes.get(request.context.abstract_syntax)
+        else:
+            service = entry[1]
+        if service is not None:
+            verb = service.permission_for(request)
+            if self.decision is None or not self.decision.permits(verb):
+                # Negotiation let the context through for another verb of this service.
+                return cast("Service", _NotAuthorized(verb, self))
+        return service
+
+    _refused = False
 
     def on_closed(self) -> None:
+        if self._refused:
+            return  # counted and logged when refused on connect
         self.generation.open_associations -= 1
         if self._counted:
             self._counted = False
             self.generation.counters.active -= 1
+            remaining = self.generation.counters.by_address.get(self.address, 1) - 1
+            if remaining > 0:
+                self.generation.counters.by_address[self.address] = remaining
+            else:
+                self.generation.counters.by_address.pop(self.address, None)
             if self.local_ae is not None:
                 self.local_ae.active -= 1
             self.log.info(
@@ -240,6 +366,53 @@ class AcceptorAssociation(Association):
                 reason=self._end_reason or "closed before association",
                 **self.summary(),
             )
+
+
+def offer_verb(offer: Offer, service: Service) -> str:
+    """The access-policy verb a presentation context needs."""
+    if offer.permission:
+        return offer.permission
+    return service.permissions[0] if service.permissions else service.name
+
+
+def _mark_refused(negotiated: Negotiated, refused: dict[str, str]) -> Negotiated:
+    if not refused:
+        return negotiated
+    decisions = tuple(
+        ContextDecision(d.context_id, d.abstract_syntax, RESULT_USER_REJECTION, d.transfer_syntax)
+        if d.abstract_syntax in refused and d.result == RESULT_ABSTRACT_SYNTAX_NOT_SUPPORTED
+        else d
+        for d in negotiated.decisions
+    )
+    return Negotiated(decisions, negotiated.accepted, negotiated.role_replies)
+
+
+STATUS_NOT_AUTHORIZED = 0x0124  # Refused: Not Authorized (PS3.7 Annex C)
+
+
+class _NotAuthorized:
+    """Stands in for a service whose verb the access decision does not grant."""
+
+    name = "not-authorized"
+
+    def __init__(self, verb: str, association: AcceptorAssociation) -> None:
+        self.verb = verb
+        decision = association.decision
+        self.rule = decision.by_service.get(verb, decision.rule) if decision else "access"
+
+    async def handle(self, association: Association, request: Request) -> None:
+        association.log.warning(
+            "request_refused",
+            rule=self.rule,
+            address=association.link.peer[0],
+            service=self.verb,
+            reason=f"{self.verb!r} is refused by {self.rule}",
+        )
+        await association.respond(
+            request,
+            status=STATUS_NOT_AUTHORIZED,
+            error_comment=f"{self.verb} not authorized"[:64],
+        )
 
 
 def _cert_common_name(cert: dict) -> str | None:

@@ -567,11 +567,16 @@ async def associate(
     roles: dict[str, tuple[bool, bool]] | None = None,
     ssl: ssl_module.SSLContext | None = None,
     server_hostname: str | None = None,
+    local_addr: tuple[str, int] | None = None,
     connect_timeout: float = 10.0,
     acse_timeout: float = 30.0,
     dimse_timeout: float = 60.0,
 ) -> RequestorAssociation:
-    """Open an association; raises AssociationRejected / AssociationAborted / OSError."""
+    """Open an association; raises AssociationRejected / AssociationAborted / OSError.
+
+    ``ssl``: a client context (``dicomd.tls.client_context``) for a TLS peer;
+    ``local_addr``: the (address, port) to connect from (port 0: any).
+    """
     proposed = [
         ProposedContext(2 * i + 1, abstract, tuple(ts)) for i, (abstract, ts) in enumerate(contexts)
     ]
@@ -602,7 +607,12 @@ async def associate(
 
     await asyncio.wait_for(
         loop.create_connection(
-            factory, host, port, ssl=ssl, server_hostname=server_hostname if ssl else None
+            factory,
+            host,
+            port,
+            ssl=ssl,
+            server_hostname=server_hostname if ssl else None,
+            local_addr=local_addr,
         ),
         connect_timeout,
     )

@@ -1,4 +1,4 @@
-"""Command line: ``dicomd run | check-config | echo``.
+"""Command line: ``dicomd run | check-config | echo | store | reindex | worklist``.
 
 Each sub-command is a small function; the daemon itself lives in ``supervisor``.
 """
@@ -74,6 +74,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_echo(args: argparse.Namespace) -> int:
     from dicomd.association import AssociationError, associate
+    from dicomd.logging import configure_logging
+
+    # Client commands print their results on stdout; only warnings go to stderr as log lines.
+    configure_logging(level="warning", fmt="console" if sys.stderr.isatty() else "json")
     from dicomd.net.dimse import VERIFICATION as VERIFICATION_SOP_CLASS
 
     async def main() -> int:
@@ -123,6 +127,83 @@ def cmd_echo(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    from dicomd.logging import configure_logging
+    from dicomd.store_client import Report, Sender, scan, status_name
+
+    configure_logging(level="warning")
+    report = Report()
+    items = scan(args.paths, report)
+    for path, why in report.skipped:
+        print(f"store: skipped {path}: {why}", file=sys.stderr)
+    if not items:
+        print("store: no DICOM Part-10 files to send", file=sys.stderr)
+        return EXIT_FAILURE
+    sender = Sender(
+        args.host,
+        args.port,
+        calling_ae=args.aet,
+        called_ae=args.aec,
+        jobs=args.jobs,
+        max_pdu=args.max_pdu,
+        timeout=args.timeout,
+        progress=None if args.quiet else sys.stderr,
+    )
+    sender.report = report
+    start = time.perf_counter()
+    asyncio.run(sender.send(items))
+    elapsed = time.perf_counter() - start
+    print(
+        f"sent {report.done} instances ({report.sent_bytes / 1e6:.1f} MB) in {elapsed:.2f} s "
+        f"({report.done / max(elapsed, 1e-9):.0f} inst/s) with {args.jobs} association(s); "
+        f"skipped {len(report.skipped)} file(s)"
+    )
+    for status, count in sorted(report.statuses.items()):
+        code = f"0x{status:04X}" if status >= 0 else "-"
+        print(f"  {code} {status_name(status)}: {count}")
+    return EXIT_OK if report.ok else EXIT_FAILURE
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from dicomd.archive.reindex import ReindexStats, reindex
+    from dicomd.config import ConfigError, load_config
+
+    try:
+        loaded = load_config(args.config)
+    except ConfigError as exc:
+        for finding in exc.findings:
+            print(finding, file=sys.stderr)
+        return EXIT_FAILURE
+    archive = loaded.config.archive
+    if not archive.root.is_dir():
+        print(f"reindex: archive root {archive.root} does not exist", file=sys.stderr)
+        return EXIT_FAILURE
+
+    def progress(stats: ReindexStats, total: int, final: bool) -> None:
+        print(
+            f"reindex: {stats.scanned}/{total} files, {stats.indexed} indexed, "
+            f"{stats.unchanged} unchanged, {stats.duplicates} duplicate(s), "
+            f"{stats.unreadable} unreadable"
+            + (f", {stats.removed_rows} stale row(s) removed" if final else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+
+    stats = reindex(
+        archive.root,
+        archive.index_url,
+        rebuild=args.rebuild,
+        progress=None if args.quiet else progress,
+        durable=archive.durability == "full",
+    )
+    print(
+        f"reindexed {archive.root}: {stats.indexed} indexed, {stats.unchanged} unchanged, "
+        f"{stats.duplicates} duplicate(s), {stats.unreadable} unreadable, "
+        f"{stats.removed_rows} stale row(s) removed"
+    )
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicomd", description="DICOM daemon suite: storage, query/retrieve, worklist."
@@ -137,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate the configuration and exit")
     _add_config_option(check)
+    # Accepted and ignored, so one $DICOMD_OPTS serves both ExecStartPre and ExecStart.
+    check.add_argument("--log-level", default=None, help=argparse.SUPPRESS)
     check.set_defaults(func=cmd_check_config)
 
     echo = sub.add_parser("echo", help="C-ECHO a DICOM peer and print round-trip times")
@@ -148,6 +231,38 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("--max-pdu", type=int, default=65536, help="our maximum receive PDU")
     echo.add_argument("--timeout", type=float, default=10.0, help="seconds per step")
     echo.set_defaults(func=cmd_echo)
+
+    store = sub.add_parser(
+        "store", help="send DICOM files with C-STORE, data sets exactly as stored"
+    )
+    store.add_argument("host")
+    store.add_argument("port", type=int)
+    store.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or directories")
+    store.add_argument("--aet", default="DICOMD_STORE", help="our (calling) AE title")
+    store.add_argument("--aec", default="ANY-SCP", help="the peer's (called) AE title")
+    store.add_argument("--jobs", "-j", type=int, default=1, help="associations in parallel")
+    store.add_argument("--max-pdu", type=int, default=65536, help="our maximum receive PDU")
+    store.add_argument("--timeout", type=float, default=60.0, help="seconds per step")
+    store.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    store.set_defaults(func=cmd_store)
+
+    reindex = sub.add_parser(
+        "reindex", help="index the archive's files (resumable; run with the daemon stopped)"
+    )
+    _add_config_option(reindex)
+    reindex.add_argument(
+        "--rebuild", action="store_true", help="empty the index first, then index every file"
+    )
+    reindex.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    reindex.set_defaults(func=cmd_reindex)
+
+    from dicomd.worklist.cli import add_worklist_commands
+
+    add_worklist_commands(sub, _add_config_option)
+
+    from dicomd.access_cli import add_access_commands
+
+    add_access_commands(sub, _add_config_option)
     return parser
 
 

@@ -384,6 +384,8 @@ class Limits(_Model):
     dimse_timeout: Annotated[Float, Field(gt=0)] = 60.0
     idle_timeout: Annotated[Float, Field(ge=0)] = 300.0
     connect_timeout: Annotated[Float, Field(gt=0)] = 10.0
+    # Associations one source address may hold at once (None: only max_associations applies).
+    max_associations_per_address: Annotated[Int, Field(ge=1)] | None = None
 
     @field_validator("max_pdu_length")
     @classmethod
@@ -1268,6 +1270,20 @@ def _semantic_problems(data: Any, registry: Registry) -> list[_Problem]:
                     _Problem(
                         ("access", "rules", i, "services", j),
                         f"unknown service {_quote(verb)} (known: {_known(permissions)})",
+                    )
+                )
+        for j, name in _strings(rule.get("move_destinations")):
+            loc = ("access", "rules", i, "move_destinations", j)
+            if name not in peers_by_name:
+                problems.append(
+                    _Problem(loc, f"unknown peer {_quote(name)} (known: {_known(peers_by_name)})")
+                )
+            elif not _truthy(peers_by_name[name].get("move_destination")):
+                problems.append(
+                    _Problem(
+                        loc,
+                        f"peer {_quote(name)} is not a move destination "
+                        "(set move_destination: true on it)",
                     )
                 )
 

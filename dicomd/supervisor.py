@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicomd.acceptor import AcceptorAssociation, Counters, Generation
+from dicomd.access import AssociationFacts, decide
 from dicomd.config import ConfigError, LoadedConfig, load_config
 from dicomd.logging import get_logger
 from dicomd.services.base import Service, ServiceContext
 from dicomd.services.registry import Registry, discover
 from dicomd.system import activation, privileges, sd_notify
-from dicomd.tls import server_context
+from dicomd.tls import PEER_SSL_CONTEXTS, TlsAcceptor, peer_contexts, server_context
 from dicomd.transport import Link
 
 if TYPE_CHECKING:
@@ -74,7 +75,10 @@ def build_services(
                 continue
             try:
                 services[name] = cls(
-                    options, ServiceContext(config=config, local_ae=ae, shared=shared or {})
+                    options,
+                    ServiceContext(
+                        config=config, local_ae=ae, shared=shared if shared is not None else {}
+                    ),
                 )
             except Exception as exc:
                 problems.append(f"local_aes[{index}].services.{name}: cannot start: {exc}")
@@ -119,6 +123,9 @@ class Supervisor:
         self.generation: Generation | None = None
         self.service_sets: dict[int, ServiceSet] = {}
         self.links: set[Link] = set()
+        # Listener name → its current server context. Connections take the one current when
+        # they arrive, so a reload (SIGHUP) serves renewed certificates to new connections.
+        self.tls_contexts: dict[str, ssl.SSLContext] = {}
         # Process-wide resources services share (ServiceContext.shared), kept across reloads.
         self.shared: dict[str, Any] = {}
         self.stopping = asyncio.Event()
@@ -147,6 +154,14 @@ class Supervisor:
                         f"listener {listener.name!r}: cannot load TLS material: {exc}"
                     ) from exc
             self.listeners.append(BoundListener(listener, sock, ctx, is_inherited))
+            if ctx is not None:
+                self.tls_contexts[listener.name] = ctx
+        try:
+            # Client contexts of TLS peers (C-MOVE destinations): their keys too are read
+            # before the privilege drop. Services find them in ServiceContext.shared.
+            self.shared[PEER_SSL_CONTEXTS] = peer_contexts(config.peers)
+        except (OSError, ssl.SSLError) as exc:
+            raise StartupError(str(exc)) from exc
         for name, socks in inherited.items():
             log.warning(
                 "unused_inherited_socket",
@@ -198,9 +213,9 @@ class Supervisor:
         self.generation = self._new_generation(config)
         loop = asyncio.get_running_loop()
         for bound in self.listeners:
-            bound.server = await loop.create_server(
-                self._factory(bound), sock=bound.sock, ssl=bound.ssl
-            )
+            # TLS is not create_server(ssl=...): TlsAcceptor checks the address first, uses
+            # the current context, bounds the handshake and logs a failed one.
+            bound.server = await loop.create_server(self._factory(bound), sock=bound.sock)
             log.info(
                 "listening",
                 listener=bound.config.name,
@@ -264,26 +279,54 @@ class Supervisor:
                 delay = min(delay * 2, RESTART_BACKOFF_MAX)
 
     def _factory(self, bound: BoundListener):  # type: ignore[no-untyped-def]
-        limits_source = self
+        name = bound.config.name
 
-        def make() -> Link:
-            generation = limits_source.generation
+        def make() -> asyncio.Protocol:
+            generation = self.generation
             assert generation is not None
-            limits = generation.config.limits
-            assoc = AcceptorAssociation(generation, bound.config.name)
-            link = Link(
-                assoc,
-                requestor=False,
-                max_pdu_length=limits.max_pdu_length,
-                artim_timeout=limits.acse_timeout,
-                idle_timeout=limits.idle_timeout,
-                dimse_timeout=limits.dimse_timeout,
+            if bound.ssl is None:
+                return self._new_link(generation, name, 0.0)
+            return TlsAcceptor(
+                listener=name,
+                get_context=lambda: self.tls_contexts[name],
+                admit=lambda address: self._admit(generation, name, address),
+                make_link=lambda elapsed: self._new_link(generation, name, elapsed),
+                handshake_timeout=generation.config.limits.acse_timeout,
             )
-            self.links.add(link)
-            link.closed.add_done_callback(lambda _f: self.links.discard(link))
-            return link
 
         return make
+
+    def _new_link(self, generation: Generation, listener: str, elapsed: float) -> Link:
+        limits = generation.config.limits
+        assoc = AcceptorAssociation(generation, listener)
+        link = Link(
+            assoc,
+            requestor=False,
+            max_pdu_length=limits.max_pdu_length,
+            # ARTIM bounds connect → complete A-ASSOCIATE-RQ, TLS handshake included.
+            artim_timeout=max(limits.acse_timeout - elapsed, 0.001),
+            idle_timeout=limits.idle_timeout,
+            dimse_timeout=limits.dimse_timeout,
+        )
+        self.links.add(link)
+        link.closed.add_done_callback(lambda _f: self.links.discard(link))
+        return link
+
+    def _admit(self, generation: Generation, listener: str, address: str) -> bool:
+        """Before a TLS handshake: False (logged) when no rule can allow ``address``."""
+        facts = AssociationFacts(address=address, listener=listener, tls_known=False)
+        decision = decide(generation.config, facts)
+        if decision.allowed:
+            return True
+        self.counters.refused_on_connect += 1
+        log.warning(
+            "connection_refused",
+            rule=decision.rule,
+            address=address,
+            listener=listener,
+            reason=f"refused by {decision.rule}: no rule can allow this address",
+        )
+        return False
 
     def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
         task = asyncio.get_running_loop().create_task(coro)
@@ -314,13 +357,29 @@ class Supervisor:
                 log.warning(
                     "reload_listener_changes_ignored",
                     changes=changed,
-                    hint="listener and TLS changes take effect on restart",
+                    hint="address, port and backlog changes, and adding or removing TLS on "
+                    "a listener, take effect on restart",
                 )
+            try:
+                tls_contexts = self._reload_tls(loaded.config)
+                peer_ssl = peer_contexts(loaded.config.peers)
+            except (OSError, ssl.SSLError) as exc:
+                log.error(
+                    "reload_failed",
+                    reason=f"cannot load TLS material: {exc}; keeping the old configuration",
+                    hint="after the privilege drop dicomd reads keys as "
+                    f"{self.loaded.config.run_as.user!r}: they must be readable by it",
+                )
+                return False
             try:
                 new_generation = self._new_generation(loaded.config)
             except StartupError as exc:
                 log.error("reload_failed", reason=str(exc))
                 return False
+            self.tls_contexts = tls_contexts
+            self.shared[PEER_SSL_CONTEXTS] = peer_ssl
+            if tls_contexts:
+                log.info("tls_reloaded", listeners=sorted(tls_contexts))
             old = self.generation
             self.generation = new_generation
             self.loaded = loaded
@@ -333,12 +392,36 @@ class Supervisor:
             self.notifier.ready(self._status_line())
 
     def _listener_changes(self, config: Config) -> list[str]:
+        def socket_part(listener: Listener) -> tuple[object, ...]:
+            # TLS settings are reloaded; only whether a listener has TLS needs a restart.
+            return (listener.address, listener.port, listener.backlog, listener.tls is None)
+
         old = {b.config.name: b.config for b in self.listeners}
         new = {listener.name: listener for listener in config.listeners}
         changes = [f"added {n}" for n in new.keys() - old.keys()]
         changes += [f"removed {n}" for n in old.keys() - new.keys()]
-        changes += [f"changed {n}" for n in new.keys() & old.keys() if new[n] != old[n]]
+        changes += [
+            f"changed {n}"
+            for n in new.keys() & old.keys()
+            if socket_part(new[n]) != socket_part(old[n])
+        ]
         return sorted(changes)
+
+    def _reload_tls(self, config: Config) -> dict[str, ssl.SSLContext]:
+        """New server contexts for the TLS listeners, files read again (renewed
+        certificates); a listener whose TLS was removed keeps its old context until restart."""
+        new = {listener.name: listener for listener in config.listeners}
+        contexts: dict[str, ssl.SSLContext] = {}
+        for name, old_ctx in self.tls_contexts.items():
+            listener = new.get(name)
+            if listener is None or listener.tls is None:
+                contexts[name] = old_ctx
+                continue
+            try:
+                contexts[name] = server_context(listener.tls)
+            except (OSError, ssl.SSLError) as exc:
+                raise type(exc)(f"listener {name!r}: {exc}") from exc
+        return contexts
 
     async def _retire(self, generation: Generation) -> None:
         """Stop an old generation's services once its last association has ended."""

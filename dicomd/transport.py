@@ -92,6 +92,8 @@ class Link(asyncio.Protocol):
             self.local = (str(local[0]), int(local[1]))
         self.tls_peer_certificate = transport.get_extra_info("peercert")
         self.owner.connection_started(self)
+        if transport.is_closing():
+            return  # the owner refused the connection (access policy) before any PDU
         self._run(self.upper.connection_made())
         self._arm_watch()
 

@@ -5,6 +5,7 @@ A service declares:
 - ``Options``: a pydantic model of its own options there (unknown keys are errors);
 - ``permissions``: the verbs the access policy grants for it (``echo``, ``store``, ...);
 - ``offers()``: the presentation contexts it serves, so the acceptor can negotiate;
+- ``offer_for()``: optionally, an offer for an abstract syntax no ``offers()`` names;
 - ``handle()``: one DIMSE request on an association;
 - ``run()``: optional background work for the life of the process (a writer, a watcher).
   The supervisor restarts it with backoff if it fails, without touching other services.
@@ -42,6 +43,9 @@ class Offer:
     transfer_syntaxes: tuple[str, ...]
     scu_role: bool | None = None
     scp_role: bool | None = None
+    # The access-policy verb this context needs (``move`` for a C-MOVE SOP class of a
+    # query/retrieve service); None: the service's first ``permissions`` entry.
+    permission: str | None = None
 
 
 @dataclass(slots=True)
@@ -68,6 +72,13 @@ class Service(ABC):
     @abstractmethod
     def offers(self) -> list[Offer]:
         """Presentation contexts this service accepts on its local AE."""
+
+    def offer_for(self, abstract_syntax: str) -> Offer | None:
+        """An offer for a proposed abstract syntax that no service's ``offers()`` names, or
+        None (the default). Negotiation asks each permitted service of the local AE in turn;
+        the storage service uses it to accept unknown (private, newer) storage SOP classes.
+        """
+        return None
 
     def permission_for(self, request: Request) -> str:
         """The access-policy verb a request needs; services with one verb need not override."""

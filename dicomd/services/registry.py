@@ -13,6 +13,8 @@ ENTRY_POINT_GROUP = "dicomd.services"
 # metadata (entry points come from the installed distribution).
 BUILTIN_SERVICES: dict[str, str] = {
     "verification": "dicomd.services.verification:VerificationService",
+    "storage": "dicomd.services.storage:StorageService",
+    "worklist": "dicomd.services.worklist:WorklistService",
 }
 
 
