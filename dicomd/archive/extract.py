@@ -398,7 +398,9 @@ def scan(buf: Any, start: int, end: int, transfer_syntax_uid: str) -> InstanceIn
     return _info(values, header)
 
 
-def instance_from_bytes(data: bytes | bytearray, transfer_syntax_uid: str) -> InstanceInfo:
+def instance_from_bytes(
+    data: bytes | bytearray | memoryview, transfer_syntax_uid: str
+) -> InstanceInfo:
     """Index values of a received data set held in memory (no file meta)."""
     if transfer_syntax_uid not in DEFLATED:
         try:

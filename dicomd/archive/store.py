@@ -115,7 +115,7 @@ class _Pending:
     policy: DuplicatePolicy
     future: asyncio.Future[Outcome]
     loop: asyncio.AbstractEventLoop
-    data: bytes | bytearray | None = None
+    data: bytes | bytearray | memoryview | None = None
     min_free_space: int = 0
     meta: bytes = b""
     final: str | None = None  # relative to the archive root
@@ -753,7 +753,7 @@ class Ingest:
         _write_all(self.fd, meta)
         self.size = self.meta_length = len(meta)
 
-    def _write(self, chunk: bytearray | bytes) -> None:
+    def _write(self, chunk: bytes | bytearray | memoryview) -> None:
         if self.fd < 0:
             self._open()
         if chunk:
@@ -761,7 +761,7 @@ class Ingest:
             self._hash.update(chunk)
             self.size += len(chunk)
 
-    def _finish(self, chunk: bytearray | bytes) -> _Pending:
+    def _finish(self, chunk: bytes | bytearray | memoryview) -> _Pending:
         whole = self.fd < 0  # the data set is all in this chunk
         try:
             self._write(chunk)
@@ -808,12 +808,12 @@ class Ingest:
             os.unlink(self.tmp_path)
 
     # loop side
-    async def write(self, chunk: bytearray | bytes) -> None:
+    async def write(self, chunk: bytes | bytearray | memoryview) -> None:
         if self._writing is not None:
             await self._writing
         self._writing = self._loop.run_in_executor(self.archive.io_pool, self._write, chunk)
 
-    async def finish(self, chunk: bytearray | bytes) -> Outcome:
+    async def finish(self, chunk: bytes | bytearray | memoryview) -> Outcome:
         """Write the last chunk, check, commit; the outcome to answer with."""
         if self._writing is None and self.fd < 0 and len(chunk) <= INLINE_MAX:
             # Small and whole: the committer writes, hashes and scans it in its batch.

@@ -171,14 +171,20 @@ class StorageService(Service):
             min_free_space=int(self.opts.min_free_space),
         )
         failure: StoreFailed | None = None
-        buffer = bytearray()
+        # Fragments are views of received bytes that stay valid while held: gather them
+        # and join once per chunk (one copy), instead of growing a buffer fragment by
+        # fragment (a copy per growth).
+        parts: list[bytes | memoryview] = []
+        gathered = 0
         try:
             async for fragment in request.dataset:
                 if failure is not None:
                     continue  # drain the rest of a data set we will not store
-                buffer += fragment
-                if len(buffer) >= WRITE_CHUNK:
-                    chunk, buffer = buffer, bytearray()
+                parts.append(fragment)
+                gathered += len(fragment)
+                if gathered >= WRITE_CHUNK:
+                    chunk = b"".join(parts)
+                    parts, gathered = [], 0
                     try:
                         await ingest.write(chunk)
                     except StoreFailed as exc:
@@ -188,7 +194,8 @@ class StorageService(Service):
                             STATUS_OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}"
                         )
             if failure is None:
-                outcome = await ingest.finish(buffer)
+                last = parts[0] if len(parts) == 1 else b"".join(parts)
+                outcome = await ingest.finish(last)
         except StoreFailed as exc:
             failure = exc
         except BaseException:  # the association is gone (or we are cancelled): clean up
