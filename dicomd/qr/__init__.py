@@ -1,0 +1,1 @@
+"""Query/Retrieve: index reads, retrieve sub-operations, the find/move/get CLI."""
