@@ -49,11 +49,41 @@ class LocalAEHandle:
     # abstract syntax → the access-policy verb its contexts need (Offer.permission, else
     # the service's first permission).
     verb_by_syntax: dict[str, str] = field(default_factory=dict)
+    # abstract syntax → (role-only offer, its verb) where two services share a syntax (see
+    # below): offered alone when the decision grants its verb but not the serving one's.
+    role_only_by_syntax: dict[str, tuple[ContextOffer, str]] = field(default_factory=dict)
     active: int = 0
 
     def __post_init__(self) -> None:
         for service in self.services.values():
             for offer in service.offers():
+                first = self.by_syntax.get(offer.abstract_syntax)
+                if first is not None and _role_only(first[0]) != _role_only(offer):
+                    # One service serves the syntax (storage: the requestor sends C-STORE),
+                    # another only needs the requestor's SCP role on it (query/retrieve's
+                    # C-GET sub-operations): accept both roles; the serving one handles
+                    # requests and its verb applies.
+                    serving = (first[0], first[1]) if _role_only(offer) else (offer, service)
+                    if _role_only(offer):
+                        role_only = ContextOffer(
+                            offer.abstract_syntax, offer.transfer_syntaxes, False, True
+                        )
+                        self.role_only_by_syntax[offer.abstract_syntax] = (
+                            role_only,
+                            offer_verb(offer, service),
+                        )
+                    else:
+                        self.role_only_by_syntax[offer.abstract_syntax] = (
+                            first[0],
+                            self.verb_by_syntax[offer.abstract_syntax],
+                        )
+                    merged = ContextOffer(
+                        serving[0].abstract_syntax, serving[0].transfer_syntaxes, True, True
+                    )
+                    self.by_syntax[offer.abstract_syntax] = (merged, serving[1])
+                    if not _role_only(offer):
+                        self.verb_by_syntax[offer.abstract_syntax] = offer_verb(offer, service)
+                    continue
                 self.verb_by_syntax.setdefault(offer.abstract_syntax, offer_verb(offer, service))
                 self.by_syntax.setdefault(
                     offer.abstract_syntax,
@@ -67,6 +97,11 @@ class LocalAEHandle:
                         service,
                     ),
                 )
+
+
+def _role_only(offer: Offer | ContextOffer) -> bool:
+    """An offer that only accepts the requestor's SCP role (a C-GET storage context)."""
+    return offer.scu_role is False and bool(offer.scp_role)
 
 
 @dataclass
@@ -261,6 +296,10 @@ class AcceptorAssociation(Association):
             verb = handle.verb_by_syntax[syntax]
             if decision.permits(verb):
                 offers.append(offer)
+                continue
+            role_only = handle.role_only_by_syntax.get(syntax)
+            if role_only is not None and decision.permits(role_only[1]):
+                offers.append(role_only[0])  # e.g. C-GET's storage SCP role without `store`
             else:
                 refused[syntax] = verb
         # Abstract syntaxes no offer names: a permitted service may still take them.

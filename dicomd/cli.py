@@ -1,4 +1,5 @@
-"""Command line: ``dicomd run | check-config | echo | store | reindex | worklist``.
+"""Command line: ``dicomd run | check-config | echo | store | find | move | get | reindex |
+worklist``.
 
 Each sub-command is a small function; the daemon itself lives in ``supervisor``.
 """
@@ -259,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     from dicomd.worklist.cli import add_worklist_commands
 
     add_worklist_commands(sub, _add_config_option)
+
+    from dicomd.qr.cli import add_qr_commands
+
+    add_qr_commands(sub)
 
     from dicomd.access_cli import add_access_commands
 

@@ -53,10 +53,14 @@ def wait_for_port(
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"dicomd exited early with {proc.returncode}")
         try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
+            with socket.create_connection((host, port), timeout=0.5) as sock:
+                # A connect to a free ephemeral port on loopback can succeed by connecting
+                # to itself (TCP simultaneous open): that is not a listener.
+                if sock.getsockname() != sock.getpeername():
+                    return
         except OSError:
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
 
 

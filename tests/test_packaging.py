@@ -83,7 +83,7 @@ def require_tool(name: str, package: str) -> str:
     return path  # type: ignore[return-value]
 
 
-def wait_until(what: str, predicate: Callable[[], object], timeout: float = 20.0) -> object:
+def wait_until(what: str, predicate: Callable[[], object], timeout: float = 60.0) -> object:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -614,7 +614,7 @@ class Container:
     def journal(self, *args: str) -> str:
         return self.run("journalctl", "--no-pager", "-u", "dicomd", *args).stdout
 
-    def wait_journal(self, text: str, *args: str, timeout: float = 10.0) -> str:
+    def wait_journal(self, text: str, *args: str, timeout: float = 30.0) -> str:
         """journald may store an entry a moment after the command that caused it."""
 
         def lookup() -> str:

@@ -15,6 +15,7 @@ BUILTIN_SERVICES: dict[str, str] = {
     "verification": "dicomd.services.verification:VerificationService",
     "storage": "dicomd.services.storage:StorageService",
     "worklist": "dicomd.services.worklist:WorklistService",
+    "query_retrieve": "dicomd.services.query_retrieve:QueryRetrieveService",
 }
 
 

@@ -48,6 +48,8 @@ STATUS_UNABLE_TO_PROCESS = 0xC000
 
 # Above this many entries to match one by one, matching runs in a worker thread.
 THREAD_THRESHOLD = 4000
+# Pending responses written together; a C-CANCEL is honoured between batches.
+RESPONSE_BATCH = 16
 # Encoded answers kept per entry (one per query shape: keys, character set, transfer syntax).
 ANSWER_CACHE_PER_ENTRY = 4
 
@@ -146,19 +148,21 @@ class WorklistService(Service):
         shape = (compiled.shape, tuple(terms), ts)
         sent = 0
         await asyncio.sleep(0)  # a C-CANCEL sent right after the request is read now
-        for entry in matches:
+        for start in range(0, len(matches), RESPONSE_BATCH):
             if request.cancelled.is_set():
                 break
-            body = entry.answers.get(shape)
-            if body is None:
-                body = encode_answer(build_answer(query, entry.dataset), terms, ts)
-                if len(entry.answers) >= ANSWER_CACHE_PER_ENTRY:
-                    entry.answers.pop(next(iter(entry.answers)))
-                entry.answers[shape] = body
-            await association.respond(request, STATUS_PENDING, body)
-            sent += 1
-            if sent % 8 == 0:
-                await asyncio.sleep(0)  # let a C-CANCEL be read
+            batch = []
+            for entry in matches[start : start + RESPONSE_BATCH]:
+                body = entry.answers.get(shape)
+                if body is None:
+                    body = encode_answer(build_answer(query, entry.dataset), terms, ts)
+                    if len(entry.answers) >= ANSWER_CACHE_PER_ENTRY:
+                        entry.answers.pop(next(iter(entry.answers)))
+                    entry.answers[shape] = body
+                batch.append(body)
+            await association.respond_pending(request, batch, STATUS_PENDING)
+            sent += len(batch)
+            await asyncio.sleep(0)  # let a C-CANCEL be read between batches
         cancelled = request.cancelled.is_set() and sent < len(matches)
         await association.respond(request, STATUS_CANCEL if cancelled else STATUS_SUCCESS)
         log.info(
