@@ -237,8 +237,32 @@ def _named_services(config: Config) -> frozenset[str]:
     return frozenset(named)
 
 
+# Decisions are pure functions of (config, facts) and peers repeat the same facts, so they
+# are remembered per configuration object (a reload brings a new one). The config is kept
+# beside its cache so a recycled id() can never serve another config's decisions.
+_DECISION_CACHE_CONFIGS = 4
+_DECISION_CACHE_SIZE = 4096
+_decision_cache: dict[int, tuple[object, dict[AssociationFacts, AccessDecision]]] = {}
+
+
 def decide(config: Config, facts: AssociationFacts) -> AccessDecision:
-    """The access decision for ``facts`` (see the module docstring)."""
+    """The access decision for ``facts`` (see the module docstring), memoised."""
+    entry = _decision_cache.get(id(config))
+    if entry is None or entry[0] is not config:
+        if len(_decision_cache) >= _DECISION_CACHE_CONFIGS:
+            _decision_cache.clear()
+        entry = (config, {})
+        _decision_cache[id(config)] = entry
+    memo = entry[1]
+    decision = memo.get(facts)
+    if decision is None:
+        if len(memo) >= _DECISION_CACHE_SIZE:
+            memo.clear()
+        decision = memo[facts] = _decide(config, facts)
+    return decision
+
+
+def _decide(config: Config, facts: AssociationFacts) -> AccessDecision:
     verdicts = {service: _verdict(config, facts, service) for service in _named_services(config)}
     others = _verdict(config, facts, None)
     granted = {s: v for s, v in verdicts.items() if v.allowed}

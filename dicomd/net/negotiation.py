@@ -113,7 +113,16 @@ def _ae(value: str | bytes) -> str:
 
 
 def parse_request(pdu: A_ASSOCIATE_RQ) -> AssociationRequest:
-    """Plain values from a decoded A-ASSOCIATE-RQ PDU."""
+    """Plain values from a decoded A-ASSOCIATE-RQ PDU (remembered on the PDU object, which
+    ``pdu.decode_associate_rq`` shares between identical requests)."""
+    cached = getattr(pdu, "_dicomd_request", None)
+    if cached is None:
+        cached = _parse_request(pdu)
+        pdu._dicomd_request = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def _parse_request(pdu: A_ASSOCIATE_RQ) -> AssociationRequest:
     prim = pdu.to_primitive()
     contexts = tuple(
         ProposedContext(

@@ -488,8 +488,23 @@ def decode_associate_rq(pdu: memoryview | bytes) -> A_ASSOCIATE_RQ:
     version = _U16.unpack_from(pdu, PDU_HEADER_LENGTH)[0]
     if not version & 1:
         raise ProtocolVersionNotSupported(version)
+    key = bytes(pdu)
+    cached = _rq_cache.get(key)
+    if cached is not None:
+        return cached
     data = _check_associate(pdu, A_ASSOCIATE_RQ_PDU)
-    return _decode_with(A_ASSOCIATE_RQ, data, "A-ASSOCIATE-RQ")  # type: ignore[return-value]
+    decoded: A_ASSOCIATE_RQ = _decode_with(A_ASSOCIATE_RQ, data, "A-ASSOCIATE-RQ")  # type: ignore[assignment]
+    if len(_rq_cache) >= _RQ_CACHE_SIZE:
+        _rq_cache.clear()
+    _rq_cache[key] = decoded
+    return decoded
+
+
+# A modality sends the same A-ASSOCIATE-RQ bytes association after association; decoding
+# them through pynetdicom's classes is the largest single cost of an association. Decoded
+# requests are only read, never changed, so identical bytes share one decoded object.
+_RQ_CACHE_SIZE = 256
+_rq_cache: dict[bytes, A_ASSOCIATE_RQ] = {}
 
 
 def decode_associate_ac(pdu: memoryview | bytes) -> A_ASSOCIATE_AC:
