@@ -8,7 +8,7 @@ already open finish on the one they started with.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from dicomd.access import AccessDecision, AssociationFacts, decide
 from dicomd.association import Association
@@ -35,6 +35,8 @@ from dicomd.net.negotiation import (
 )
 
 if TYPE_CHECKING:
+    from pynetdicom.pdu import A_ASSOCIATE_AC
+
     from dicomd.association import Request
     from dicomd.config import Config, LocalAE
     from dicomd.services.base import Offer, Service
@@ -116,6 +118,9 @@ class Counters:
     by_address: dict[str, int] = field(default_factory=dict)
 
 
+ACCEPT_CACHE_SIZE = 1024
+
+
 class Generation:
     def __init__(
         self, config: Config, services: dict[str, dict[str, Service]], counters: Counters
@@ -126,6 +131,8 @@ class Generation:
             ae.ae_title: LocalAEHandle(ae, services.get(ae.ae_title, {})) for ae in config.local_aes
         }
         self.open_associations = 0
+        # (request, local AE, decision) → negotiation outcome; see AcceptorAssociation._negotiate.
+        self.accept_cache: dict[tuple[int, int, int], tuple[Any, ...]] = {}
 
     def local_ae_for(self, called_ae: str, listener: str) -> LocalAEHandle | None:
         handle = self.local_aes.get(called_ae)
@@ -288,39 +295,8 @@ class AcceptorAssociation(Association):
             )
             return
         self.permitted = decision.services
-        # Enforcement point 3: contexts of services the decision does not grant are
-        # rejected with user-rejection (not "abstract syntax not supported": we do serve it).
-        offers = []
-        refused: dict[str, str] = {}  # abstract syntax → the verb it needed
-        for syntax, (offer, _service) in handle.by_syntax.items():
-            verb = handle.verb_by_syntax[syntax]
-            if decision.permits(verb):
-                offers.append(offer)
-                continue
-            role_only = handle.role_only_by_syntax.get(syntax)
-            if role_only is not None and decision.permits(role_only[1]):
-                offers.append(role_only[0])  # e.g. C-GET's storage SCP role without `store`
-            else:
-                refused[syntax] = verb
-        # Abstract syntaxes no offer names: a permitted service may still take them.
-        for cx in request.contexts:
-            syntax = cx.abstract_syntax
-            if syntax in handle.by_syntax or syntax in self.extra_syntaxes:
-                continue
-            for service in handle.services.values():
-                extra = service.offer_for(syntax)
-                if extra is None:
-                    continue
-                verb = offer_verb(extra, service)
-                if not decision.permits(verb):
-                    refused[syntax] = verb
-                    break
-                offers.append(
-                    ContextOffer(syntax, extra.transfer_syntaxes, extra.scu_role, extra.scp_role)
-                )
-                self.extra_syntaxes[syntax] = service
-                break
-        negotiated = _mark_refused(negotiate_contexts(request, offers), refused)
+        negotiated, refused, extra, accept = self._negotiate(request, handle, decision)
+        self.extra_syntaxes.update(extra)
         for verb in sorted(
             {
                 refused[cx.abstract_syntax]
@@ -345,7 +321,6 @@ class AcceptorAssociation(Association):
         gen.counters.by_address[self.address] = gen.counters.by_address.get(self.address, 0) + 1
         gen.counters.accepted += 1
         self._counted = True
-        accept = build_accept(request, negotiated, max_pdu_length=limits.max_pdu_length)
         self._set_established(negotiated.accepted)
         self.link.associate_accept(accept)
         self.log.info(
@@ -362,6 +337,60 @@ class AcceptorAssociation(Association):
             peer_implementation=request.implementation_version_name
             or request.implementation_class_uid,
         )
+
+    def _negotiate(
+        self, request: AssociationRequest, handle: LocalAEHandle, decision: AccessDecision
+    ) -> tuple[Negotiated, dict[str, str], dict[str, Service], A_ASSOCIATE_AC]:
+        """Contexts, refusals and the A-ASSOCIATE-AC for a request; pure in its arguments,
+        so it is remembered per (request, local AE, decision): identical requests from the
+        same peer (the usual case) skip the offer filtering and pynetdicom's AC building."""
+        gen = self.generation
+        max_pdu = gen.config.limits.max_pdu_length
+        key = (id(request), id(handle), id(decision))
+        hit = gen.accept_cache.get(key)
+        if hit is not None and hit[0] is request and hit[1] is handle and hit[2] is decision:
+            return hit[3]
+        taken: dict[str, Service] = {}  # syntaxes no offer names, taken by a service
+        # Enforcement point 3: contexts of services the decision does not grant are
+        # rejected with user-rejection (not "abstract syntax not supported": we do serve it).
+        offers = []
+        refused: dict[str, str] = {}  # abstract syntax → the verb it needed
+        for syntax, (offer, _service) in handle.by_syntax.items():
+            verb = handle.verb_by_syntax[syntax]
+            if decision.permits(verb):
+                offers.append(offer)
+                continue
+            role_only = handle.role_only_by_syntax.get(syntax)
+            if role_only is not None and decision.permits(role_only[1]):
+                offers.append(role_only[0])  # e.g. C-GET's storage SCP role without `store`
+            else:
+                refused[syntax] = verb
+        # Abstract syntaxes no offer names: a permitted service may still take them.
+        for cx in request.contexts:
+            syntax = cx.abstract_syntax
+            if syntax in handle.by_syntax or syntax in taken:
+                continue
+            for service in handle.services.values():
+                extra = service.offer_for(syntax)
+                if extra is None:
+                    continue
+                verb = offer_verb(extra, service)
+                if not decision.permits(verb):
+                    refused[syntax] = verb
+                    break
+                offers.append(
+                    ContextOffer(syntax, extra.transfer_syntaxes, extra.scu_role, extra.scp_role)
+                )
+                taken[syntax] = service
+                break
+        negotiated = _mark_refused(negotiate_contexts(request, offers), refused)
+        accept = build_accept(request, negotiated, max_pdu_length=max_pdu)
+        result = (negotiated, refused, taken, accept)
+        if len(gen.accept_cache) >= ACCEPT_CACHE_SIZE:
+            gen.accept_cache.clear()
+        # The key objects are kept in the value so a recycled id() can never match.
+        gen.accept_cache[key] = (request, handle, decision, result)
+        return result
 
     def service_for(self, request: Request) -> Service | None:
         if self.local_ae is None:

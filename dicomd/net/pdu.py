@@ -532,10 +532,16 @@ def make_associate_rj(result: int, source: int, reason: int) -> A_ASSOCIATE_RJ:
 def encode_associate(pdu: A_ASSOCIATE_RQ | A_ASSOCIATE_AC | A_ASSOCIATE_RJ) -> bytes:
     """Encode an association PDU object with pynetdicom; errors are the caller's
     (``ValueError``), not the peer's, so they are not ``PduError``."""
+    cached = getattr(pdu, "_dicomd_encoded", None)
+    if cached is not None:
+        return cached  # an A-ASSOCIATE-AC reused for identical requests (acceptor cache)
     try:
         data = pdu.encode()
     except Exception as exc:
         raise ValueError(f"cannot encode {type(pdu).__name__}: {exc!r}") from exc
     if len(data) < PDU_HEADER_LENGTH or _HEADER.unpack_from(data)[1] != len(data) - 6:
         raise ValueError(f"{type(pdu).__name__} encoded with an inconsistent PDU-length")
+    if isinstance(pdu, A_ASSOCIATE_AC):
+        # The acceptor reuses one AC object for identical requests and never changes it.
+        pdu._dicomd_encoded = data  # type: ignore[attr-defined]
     return data
