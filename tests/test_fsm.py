@@ -11,14 +11,8 @@ import struct
 from collections.abc import Callable
 
 import pytest
+from pdu_fixtures import make_ac, make_rq
 from pynetdicom.fsm import TRANSITION_TABLE as PS38_TABLE_9_10
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    MaximumLengthNotification,
-)
-from pynetdicom.presentation import build_context
 
 from dicomd.net import pdu as P
 from dicomd.net.events import (
@@ -43,36 +37,6 @@ from dicomd.net.events import (
 from dicomd.net.fsm import EVENTS, TRANSITIONS, Evt, LocalProtocolError, State, UpperLayer
 
 S = State
-
-
-def _primitive() -> A_ASSOCIATE:
-    prim = A_ASSOCIATE()
-    prim.application_context_name = "1.2.840.10008.3.1.1.1"
-    prim.calling_ae_title = "SCU"
-    prim.called_ae_title = "DICOMD"
-    cx = build_context("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])
-    cx.context_id = 1
-    prim.presentation_context_definition_list = [cx]
-    ml = MaximumLengthNotification()
-    ml.maximum_length_received = 16384
-    ic = ImplementationClassUIDNotification()
-    ic.implementation_class_uid = "1.2.826.0.1.3680043.9.9999"
-    prim.user_information = [ml, ic]
-    return prim
-
-
-def make_rq() -> A_ASSOCIATE_RQ:
-    return A_ASSOCIATE_RQ(_primitive())
-
-
-def make_ac() -> A_ASSOCIATE_AC:
-    prim = _primitive()
-    prim.result = 0
-    cx = build_context("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])
-    cx.context_id = 1
-    cx.result = 0
-    prim.presentation_context_definition_results_list = [cx]
-    return A_ASSOCIATE_AC(prim)
 
 
 RQ = make_rq().encode()

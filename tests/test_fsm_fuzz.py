@@ -14,12 +14,11 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
+import pdu_fixtures as fixtures
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-from pynetdicom.presentation import build_context
 
 from dicomd.net import pdu as P
 from dicomd.net.events import (
@@ -56,32 +55,12 @@ EVENT_TYPES = (
 )
 
 
-def _primitive() -> A_ASSOCIATE:
-    prim = A_ASSOCIATE()
-    prim.application_context_name = "1.2.840.10008.3.1.1.1"
-    prim.calling_ae_title = "FUZZ"
-    prim.called_ae_title = "DICOMD"
-    cx = build_context("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])
-    cx.context_id = 1
-    prim.presentation_context_definition_list = [cx]
-    ml = MaximumLengthNotification()
-    ml.maximum_length_received = 4096
-    prim.user_information = [ml]
-    return prim
-
-
 def make_rq() -> A_ASSOCIATE_RQ:
-    return A_ASSOCIATE_RQ(_primitive())
+    return fixtures.make_rq("FUZZ", max_pdu=4096, implementation_uid=None)
 
 
 def make_ac() -> A_ASSOCIATE_AC:
-    prim = _primitive()
-    prim.result = 0
-    cx = build_context("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])
-    cx.context_id = 1
-    cx.result = 0
-    prim.presentation_context_definition_results_list = [cx]
-    return A_ASSOCIATE_AC(prim)
+    return fixtures.make_ac("FUZZ", max_pdu=4096, implementation_uid=None)
 
 
 RQ, AC = make_rq().encode(), make_ac().encode()

@@ -5,16 +5,11 @@ from __future__ import annotations
 import itertools
 import struct
 
+import pdu_fixtures as fixtures
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    MaximumLengthNotification,
-)
-from pynetdicom.presentation import build_context
 
 from dicomd.net import pdu as P
 from dicomd.net.events import (
@@ -28,34 +23,16 @@ from dicomd.net.events import (
 )
 
 
-def make_primitive() -> A_ASSOCIATE:
-    prim = A_ASSOCIATE()
-    prim.application_context_name = "1.2.840.10008.3.1.1.1"
-    prim.calling_ae_title = "STORESCU"
-    prim.called_ae_title = "DICOMD"
-    cx = build_context("1.2.840.10008.1.1", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
-    cx.context_id = 1
-    prim.presentation_context_definition_list = [cx]
-    ml = MaximumLengthNotification()
-    ml.maximum_length_received = 16384
-    ic = ImplementationClassUIDNotification()
-    ic.implementation_class_uid = "1.2.826.0.1.3680043.9.9999"
-    prim.user_information = [ml, ic]
-    return prim
-
-
 def make_rq() -> A_ASSOCIATE_RQ:
-    return A_ASSOCIATE_RQ(make_primitive())
+    return fixtures.make_rq(
+        "STORESCU", transfer_syntaxes=(fixtures.IMPLICIT, "1.2.840.10008.1.2.1")
+    )
 
 
 def make_ac() -> A_ASSOCIATE_AC:
-    prim = make_primitive()
-    prim.result = 0
-    cx = build_context("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])
-    cx.context_id = 1
-    cx.result = 0
-    prim.presentation_context_definition_results_list = [cx]
-    return A_ASSOCIATE_AC(prim)
+    return fixtures.make_ac(
+        "STORESCU", transfer_syntaxes=(fixtures.IMPLICIT, "1.2.840.10008.1.2.1")
+    )
 
 
 def pdata(*pdvs: tuple[int, int, bytes]) -> bytes:
