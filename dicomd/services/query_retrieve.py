@@ -319,6 +319,23 @@ class QueryRetrieveService(Service):
 
     # -- C-MOVE --------------------------------------------------------------------------
 
+    async def _instances_to_retrieve(
+        self, association: Association, request: Request, query: Any, level: str
+    ) -> list[qsql.StoredInstance] | None:
+        """The stored instances a C-MOVE/C-GET names, or None once it has been refused."""
+        try:
+            uids = unique_keys(query, level, request.context.abstract_syntax)
+        except QueryError as exc:
+            await self._refuse(association, request, exc)
+            return None
+        engine = self.archive.engine
+
+        def load() -> list[qsql.StoredInstance]:
+            with engine.connect() as conn:
+                return qsql.instances_for(conn, level, uids)
+
+        return await asyncio.to_thread(load)
+
     async def _move(self, association: Association, request: Request) -> None:
         from dicomd import access
 
@@ -351,18 +368,9 @@ class QueryRetrieveService(Service):
                 ),
             )
             return
-        try:
-            uids = unique_keys(query, level, request.context.abstract_syntax)
-        except QueryError as exc:
-            await self._refuse(association, request, exc)
+        instances = await self._instances_to_retrieve(association, request, query, level)
+        if instances is None:
             return
-        engine = self.archive.engine
-
-        def load() -> list[qsql.StoredInstance]:
-            with engine.connect() as conn:
-                return qsql.instances_for(conn, level, uids)
-
-        instances = await asyncio.to_thread(load)
         from dicomd.qr.retrieve import send_to_peer
 
         await send_to_peer(
@@ -379,18 +387,9 @@ class QueryRetrieveService(Service):
         if got is None:
             return
         query, level = got
-        try:
-            uids = unique_keys(query, level, request.context.abstract_syntax)
-        except QueryError as exc:
-            await self._refuse(association, request, exc)
+        instances = await self._instances_to_retrieve(association, request, query, level)
+        if instances is None:
             return
-        engine = self.archive.engine
-
-        def load() -> list[qsql.StoredInstance]:
-            with engine.connect() as conn:
-                return qsql.instances_for(conn, level, uids)
-
-        instances = await asyncio.to_thread(load)
         # Contexts on which the requestor accepted the storage SCP role.
         contexts = {
             (cx.abstract_syntax, cx.transfer_syntax): cid
