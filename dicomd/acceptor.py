@@ -384,7 +384,12 @@ class AcceptorAssociation(Association):
                 taken[syntax] = service
                 break
         negotiated = _mark_refused(negotiate_contexts(request, offers), refused)
-        accept = build_accept(request, negotiated, max_pdu_length=max_pdu)
+        accept = build_accept(
+            request,
+            negotiated,
+            max_pdu_length=max_pdu,
+            extended_negotiation=_extended_replies(request, negotiated, handle, taken),
+        )
         result = (negotiated, refused, taken, accept)
         if len(gen.accept_cache) >= ACCEPT_CACHE_SIZE:
             gen.accept_cache.clear()
@@ -441,6 +446,30 @@ def offer_verb(offer: Offer, service: Service) -> str:
     if offer.permission:
         return offer.permission
     return service.permissions[0] if service.permissions else service.name
+
+
+def _extended_replies(
+    request: AssociationRequest,
+    negotiated: Negotiated,
+    handle: LocalAEHandle,
+    taken: dict[str, Service],
+) -> dict[str, bytes]:
+    """Replies to the proposed SOP Class Extended Negotiation items: one per accepted
+    abstract syntax whose serving service answers (Service.extended_negotiation)."""
+    if not request.extended_negotiation:
+        return {}
+    accepted = {cx.abstract_syntax for cx in negotiated.accepted.values()}
+    replies: dict[str, bytes] = {}
+    for syntax, proposed in request.extended_negotiation.items():
+        if syntax not in accepted:
+            continue
+        entry = handle.by_syntax.get(syntax)
+        service = entry[1] if entry is not None else taken.get(syntax)
+        answer = getattr(service, "extended_negotiation", None)
+        reply = answer(syntax, proposed) if answer is not None else None
+        if reply is not None:
+            replies[syntax] = reply
+    return replies
 
 
 def _mark_refused(negotiated: Negotiated, refused: dict[str, str]) -> Negotiated:

@@ -62,12 +62,15 @@ def plan() -> list[dict[str, object]]:
     ]  # fmt: skip
 
 
-def make_archive_files(directory: Path) -> list[Inst]:
+def make_archive_files(
+    directory: Path, layout: list[dict[str, object]] | None = None, root_uid: str = ROOT_UID
+) -> list[Inst]:
+    """Part-10 files of ``layout`` (default :func:`plan`), UIDs under ``root_uid``."""
     directory.mkdir(parents=True, exist_ok=True)
     out: list[Inst] = []
     n = 0
-    for s_index, study in enumerate(plan()):
-        study_uid = f"{ROOT_UID}{s_index + 1}"
+    for s_index, study in enumerate(plan() if layout is None else layout):
+        study_uid = f"{root_uid}{s_index + 1}"
         for se_index, (modality, sop_class, count) in enumerate(study["series"]):  # type: ignore[arg-type]
             series_uid = f"{study_uid}.{se_index + 1}"
             for i in range(count):

@@ -2,9 +2,11 @@
 
 Stored data set bytes are sent as they are when a presentation context with the stored
 transfer syntax was accepted; otherwise, when an uncompressed little endian context was
-accepted, the instance is re-encoded (decompressed with pydicom if needed); else it counts
-as failed. A pending response with the counts follows each sub-operation; the final
-response carries the Failed SOP Instance UID List (0008,0058) when any failed.
+accepted, the instance is re-encoded (decompressed with pydicom and its decoder plug-ins:
+NumPy, pylibjpeg with libjpeg, openjpeg and rle); else, or when the pixel data cannot be
+decoded, it counts as failed with a ``qr_reencode_failed`` log line saying why. A pending
+response with the counts follows each sub-operation; the final response carries the Failed
+SOP Instance UID List (0008,0058) when any failed.
 """
 
 from __future__ import annotations
@@ -42,19 +44,23 @@ log = get_logger("dicomd.qr")
 
 
 def proposed_contexts(instances: Sequence[StoredInstance]) -> list[tuple[str, list[str]]]:
-    """One context per (SOP class, stored transfer syntax) and, for SOP classes stored in
-    another syntax, one with the uncompressed little endian fallbacks."""
+    """The contexts of a C-MOVE sub-association: per SOP class, one context offering both
+    uncompressed little endian syntaxes (the stored one first when it is one of them), and
+    one per other (compressed) stored transfer syntax."""
     out: list[tuple[str, list[str]]] = []
     seen: set[tuple[str, str]] = set()
     fallback: set[str] = set()
     for inst in instances:
-        key = (inst.sop_class_uid, inst.transfer_syntax_uid)
-        if key not in seen:
-            seen.add(key)
-            out.append((inst.sop_class_uid, [inst.transfer_syntax_uid]))
-        if inst.transfer_syntax_uid not in FALLBACK and inst.sop_class_uid not in fallback:
-            fallback.add(inst.sop_class_uid)
-            out.append((inst.sop_class_uid, list(FALLBACK)))
+        sop_class, stored = inst.sop_class_uid, inst.transfer_syntax_uid
+        if (sop_class, stored) in seen:
+            continue
+        seen.add((sop_class, stored))
+        if stored not in FALLBACK:
+            out.append((sop_class, [stored]))
+        if sop_class not in fallback:
+            fallback.add(sop_class)
+            first = [stored] if stored in FALLBACK else []
+            out.append((sop_class, first + [ts for ts in FALLBACK if ts not in first]))
     return out[:128]
 
 
@@ -68,23 +74,118 @@ def dataset_bytes(root: Path, path: str) -> bytes:
         return fp.read()
 
 
+# Transfer syntaxes whose compression loses information, with their (0028,2114) Lossy
+# Image Compression Method; JPEG 2000 / HTJ2K lossy-capable syntaxes are lossy when the
+# codestream uses the irreversible 9-7 wavelet.
+LOSSY_METHODS = {
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": "ISO_10918_1",  # JPEG Extended
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1",  # JPEG-LS Near-Lossless
+}
+J2K_METHODS = {
+    "1.2.840.10008.1.2.4.91": "ISO_15444_1",  # JPEG 2000
+    "1.2.840.10008.1.2.4.203": "ISO_15444_15",  # HTJ2K
+}
+
+
+class ReencodeError(Exception):
+    """The instance cannot be sent in an uncompressed transfer syntax (the reason)."""
+
+
+def j2k_irreversible(codestream: bytes) -> bool | None:
+    """Whether a JPEG 2000 codestream uses the irreversible (lossy) 9-7 wavelet, from the
+    COD marker of its main header; None when there is no readable COD marker."""
+    pos = codestream.find(b"\xff\x4f\xff\x51")  # SOC, SIZ
+    if pos < 0:
+        return None
+    pos += 2
+    while pos + 4 <= len(codestream):
+        marker = codestream[pos : pos + 2]
+        if marker in (b"\xff\x90", b"\xff\x93"):  # SOT, SOD: end of the main header
+            return None
+        length = int.from_bytes(codestream[pos + 2 : pos + 4], "big")
+        if marker == b"\xff\x52":  # COD: Lcod Scod SGcod(4) levels cbw cbh cbstyle transform
+            return codestream[pos + 13] == 0 if pos + 13 < len(codestream) else None
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None
+
+
+def lossy_method(ds: Dataset, transfer_syntax: str) -> str | None:
+    """The Lossy Image Compression Method of ``transfer_syntax`` when the (still compressed)
+    data set's pixel data went through lossy compression, else None."""
+    method = LOSSY_METHODS.get(transfer_syntax)
+    if method is not None:
+        return method
+    method = J2K_METHODS.get(transfer_syntax)
+    if method is None:
+        return None
+    from pydicom.encaps import get_frame
+
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+        first = get_frame(ds.PixelData, 0, number_of_frames=frames)
+    except Exception:
+        return method  # cannot tell: a syntax that allows lossy compression counts as lossy
+    return None if j2k_irreversible(first) is False else method
+
+
+def decompressed(ds: Dataset, transfer_syntax: str) -> Dataset:
+    """``ds`` (read from a file in compressed ``transfer_syntax``) with native pixel data,
+    in place; raises ReencodeError with the reason when pydicom cannot decode it.
+
+    The SOP Instance UID is kept (the pixel values are those of the stored instance);
+    YCbCr data is converted to RGB (pydicom sets Photometric Interpretation and Planar
+    Configuration to match); after lossy compression, (0028,2110) Lossy Image Compression
+    is set to "01", with the method and ratio when the data set had none."""
+    from pydicom.uid import UID
+
+    if "PixelData" not in ds:
+        raise ReencodeError(f"no Pixel Data in a {UID(transfer_syntax).name} data set")
+    method = lossy_method(ds, transfer_syntax)
+    compressed_length = len(ds.PixelData)
+    try:
+        ds.decompress(generate_instance_uid=False, as_rgb=True)
+    except Exception as exc:
+        text = str(exc).strip().replace("\n", " ") or type(exc).__name__
+        raise ReencodeError(f"cannot decode {UID(transfer_syntax).name}: {text}") from exc
+    for tag in (0x7FE00001, 0x7FE00002):  # Extended Offset Table (Lengths): encapsulated only
+        if tag in ds:
+            del ds[tag]
+    if method is not None and str(ds.get("LossyImageCompression", "")).strip() != "01":
+        ds.LossyImageCompression = "01"
+        if "LossyImageCompressionMethod" not in ds and "LossyImageCompressionRatio" not in ds:
+            ds.LossyImageCompressionMethod = method
+            if compressed_length:
+                ratio = len(ds.PixelData) / compressed_length
+                ds.LossyImageCompressionRatio = f"{ratio:.2f}"[:16]
+    return ds
+
+
 def reencode(root: Path, inst: StoredInstance, target: str) -> bytes | None:
-    """The data set in ``target`` (uncompressed), decompressed with pydicom if needed;
-    None when pydicom cannot (no codec for it)."""
+    """The data set in ``target`` (uncompressed little endian), decompressed with pydicom
+    when stored compressed; None when it cannot be (logged with the reason)."""
     import pydicom
 
     try:
         ds = pydicom.dcmread(root / inst.path)
-        if inst.transfer_syntax_uid not in UNCOMPRESSED:
-            ds.decompress()
-        plain = Dataset()
-        for elem in ds:
-            if elem.tag.group != 0x0002:
-                plain.add(elem)
-        return encode_dataset(plain, target)
-    except Exception as exc:  # any codec failure: the instance counts as failed
-        log.warning("qr_reencode_failed", sop_instance_uid=inst.sop_instance_uid, error=repr(exc))
-        return None
+        syntax = ds.file_meta.TransferSyntaxUID
+        if syntax.is_encapsulated and "PixelData" in ds:
+            decompressed(ds, str(syntax))
+        return encode_dataset(ds, target)
+    except ReencodeError as exc:
+        reason = str(exc)
+    except Exception as exc:  # a damaged file or a pydicom failure
+        reason = f"{type(exc).__name__}: {exc}"
+    log.warning(
+        "qr_reencode_failed",
+        sop_instance_uid=inst.sop_instance_uid,
+        transfer_syntax=inst.transfer_syntax_uid,
+        target=target,
+        reason=reason[:500],
+    )
+    return None
 
 
 def choose(contexts: dict[tuple[str, str], int], inst: StoredInstance) -> tuple[int, str] | None:

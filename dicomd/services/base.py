@@ -6,6 +6,7 @@ A service declares:
 - ``permissions``: the verbs the access policy grants for it (``echo``, ``store``, ...);
 - ``offers()``: the presentation contexts it serves, so the acceptor can negotiate;
 - ``offer_for()``: optionally, an offer for an abstract syntax no ``offers()`` names;
+- ``extended_negotiation()``: optionally, the reply to a SOP Class Extended Negotiation item;
 - ``handle()``: one DIMSE request on an association;
 - ``run()``: optional background work for the life of the process (a writer, a watcher).
   The supervisor restarts it with backoff if it fails, without touching other services.
@@ -78,6 +79,15 @@ class Service(ABC):
         None (the default). Negotiation asks each permitted service of the local AE in turn;
         the storage service uses it to accept unknown (private, newer) storage SOP classes.
         """
+        return None
+
+    def extended_negotiation(self, abstract_syntax: str, proposed: bytes) -> bytes | None:
+        """The reply to a SOP Class Extended Negotiation item (PS3.7 D.3.3.5) the requestor
+        proposed for an abstract syntax of this service that was accepted, or None (the
+        default): no reply item, which means none of the proposed options is supported.
+        The acceptor puts the reply in the A-ASSOCIATE-AC; the request's items stay on
+        ``association.negotiation.extended_negotiation``, so a service can recompute what
+        was agreed. Must be pure in its arguments (the AC is remembered per request)."""
         return None
 
     def permission_for(self, request: Request) -> str:

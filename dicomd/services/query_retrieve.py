@@ -1,8 +1,19 @@
-"""Query/Retrieve SCP: Patient Root and Study Root C-FIND and C-MOVE (PS3.4 Annex C).
+"""Query/Retrieve SCP: Patient Root and Study Root C-FIND, C-MOVE, C-GET (PS3.4 Annex C).
 
-C-FIND (levels PATIENT, STUDY, SERIES, IMAGE; hierarchical queries):
-- the unique keys of the levels above the query level must be in the Identifier with a
-  single value (PS3.4 C.4.1.2.2.1); else 0xA900 with an Error Comment naming the key;
+SOP Class Extended Negotiation (PS3.4 C.5.1.1.1 for C-FIND, C.5.2/C.5.3 for C-MOVE/C-GET):
+the A-ASSOCIATE-AC answers each proposed option with what dicomd does: relational queries
+and relational retrieval yes; combined date-time matching yes; fuzzy semantic matching of
+person names only when ``case_insensitive_names`` is on; timezone query adjustment and
+enhanced multi-frame image conversion no. What was agreed applies to the requests on that
+association.
+
+C-FIND (levels PATIENT, STUDY, SERIES, IMAGE):
+- hierarchical (the default): the unique keys of the levels above the query level must be
+  in the Identifier with a single value (PS3.4 C.4.1.2.2.1); else 0xA900 with an Error
+  Comment naming the key. Relational (when negotiated, C.3.4): keys of any level at
+  or above the query level, without the unique keys above;
+- a DA key and its TM partner (Study Date and Study Time...) are matched as one date-time
+  range when combined date-time matching was negotiated, else each on its own (C.2.2.2.5);
 - matching is PS3.4 C.2.2.2 (``dicomd.query.matching``): SQL selects candidates on indexed
   keys, the stored header of a representative instance (plus the index's computed keys:
   NumberOf..., ModalitiesInStudy, SOPClassesInStudy) is matched exactly. Any attribute in
@@ -16,13 +27,19 @@ C-FIND (levels PATIENT, STUDY, SERIES, IMAGE; hierarchical queries):
   behaviour; the standard's default is literal);
 - answers are encoded in the query's character set when every value fits, else ISO_IR 192.
 
+C-MOVE and C-GET name instances by the unique keys down to the retrieve level (a list of
+UIDs allowed at that level); hierarchical: the unique keys of the levels above must be
+there with a single value, else 0xA900; relational retrieval (when negotiated): the level's
+unique key alone is enough (an IMAGE-level retrieve with only SOP Instance UIDs).
+
 C-MOVE: the destination is looked up among configured peers (``access.move_destination``);
 unknown → 0xA801 with a log line naming the asked AE title and the known ones. One
 sub-association (TLS when the peer has ``tls:``) offers each SOP class with the stored
 transfer syntaxes plus explicit/implicit VR little endian; stored data set bytes are sent
-as they are when their syntax is accepted, else decompressed with pydicom when possible,
-else the instance counts as failed. Pending responses carry the counts; the final one has
-the Failed SOP Instance UID List when any failed; C-CANCEL ends with 0xFE00.
+as they are when their syntax is accepted, else decompressed with pydicom when possible
+(``dicomd.qr.retrieve.reencode``), else the instance counts as failed. Pending responses
+carry the counts; the final one has the Failed SOP Instance UID List when any failed;
+C-CANCEL ends with 0xFE00.
 """
 
 from __future__ import annotations
@@ -81,6 +98,14 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 UNCOMPRESSED = frozenset({EXPLICIT_LE, IMPLICIT_LE, "1.2.840.10008.1.2.2"})
 
+# Bytes of the SOP Class Extended Negotiation service-class application information.
+# C-FIND (PS3.4 C.5.1.1.1): relational-queries, combined date-time matching, fuzzy
+# semantic matching of person names, timezone query adjustment, enhanced multi-frame image
+# conversion. C-MOVE/C-GET: relational-retrieval, enhanced multi-frame image conversion.
+EXT_RELATIONAL = 0
+EXT_DATETIME = 1
+EXT_FUZZY = 2
+
 log = get_logger("dicomd.qr")
 
 
@@ -121,37 +146,87 @@ def query_level(query: Dataset, sop_class: str) -> str:
     return level
 
 
+def extended_reply(sop_class: str, proposed: bytes, fuzzy_names: bool) -> bytes | None:
+    """The SOP Class Extended Negotiation reply for a Query/Retrieve SOP class: each option
+    proposed (a byte set to 1) is granted (1) when dicomd supports it, else 0, unknown ones
+    included; as many bytes as were proposed. None (no reply item) when nothing was."""
+    verb = VERBS.get(sop_class)
+    if verb is None or not proposed:
+        return None
+    if verb == "find":
+        # relational, combined date-time, fuzzy person names, timezone adjustment
+        supported: tuple[bool, ...] = (True, True, fuzzy_names, False)
+    else:
+        supported = (True,)  # relational retrieval
+    return bytes(
+        1 if value == 1 and index < len(supported) and supported[index] else 0
+        for index, value in enumerate(proposed)
+    )
+
+
+def _flag(agreed: bytes, index: int) -> bool:
+    return len(agreed) > index and agreed[index] == 1
+
+
+def _tag_name(tag: int, elem: Any = None) -> str:
+    if elem is not None and elem.keyword:
+        return str(elem.keyword)
+    from pydicom.datadict import keyword_for_tag
+
+    return keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _single(elem: Any) -> bool:
+    value = "" if elem is None or elem.value is None else elem.value
+    return not (
+        elem is None or value == "" or elem.VM != 1 or "*" in str(value) or "?" in str(value)
+    )
+
+
 def check_hierarchy(query: Dataset, level: str, sop_class: str) -> None:
     """PS3.4 C.4.1.2.2.1: unique keys of the levels above, single-valued."""
     first = 0 if sop_class in PATIENT_ROOT else 1
     for above in qsql.LEVELS[first : qsql.LEVELS.index(level)]:
         tag = UNIQUE[above]
         elem = query.get(tag)
-        value = "" if elem is None or elem.value is None else elem.value
-        if elem is None or value == "" or elem.VM != 1 or "*" in str(value) or "?" in str(value):
-            name = elem.keyword if elem is not None else f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+        if not _single(elem):
             raise QueryError(
-                f"hierarchical query at {level} level needs one {name or 'unique key'}",
+                f"hierarchical query at {level} level needs one {_tag_name(tag, elem)}",
                 offending=(tag,),
             )
 
 
-def unique_keys(query: Dataset, level: str, sop_class: str) -> dict[int, tuple[str, ...]]:
-    """C-MOVE/C-GET: the unique keys down to the level (a list of UIDs at the level)."""
+def unique_keys(
+    query: Dataset, level: str, sop_class: str, *, relational: bool = False
+) -> dict[int, tuple[str, ...]]:
+    """C-MOVE/C-GET: the unique keys down to the level (a list of UIDs at the level).
+
+    Hierarchical (PS3.4 C.4.2.2.1): each level above needs its unique key, single-valued;
+    relational (negotiated): those above may be absent (present ones still filter)."""
     first = 0 if sop_class in PATIENT_ROOT else 1
     out: dict[int, tuple[str, ...]] = {}
     for lvl in qsql.LEVELS[first : qsql.LEVELS.index(level) + 1]:
-        elem = query.get(UNIQUE[lvl])
+        tag = UNIQUE[lvl]
+        elem = query.get(tag)
         if elem is None or elem.value in (None, ""):
             if lvl == level:
                 raise QueryError(
-                    f"retrieve at {level} level needs {elem.keyword if elem else 'its unique key'}",
-                    offending=(UNIQUE[lvl],),
+                    f"retrieve at {level} level needs {_tag_name(tag, elem)}", offending=(tag,)
+                )
+            if not relational:
+                raise QueryError(
+                    f"hierarchical retrieve at {level} level needs one {_tag_name(tag, elem)}",
+                    offending=(tag,),
                 )
             continue
+        if lvl != level and not relational and not _single(elem):
+            raise QueryError(
+                f"hierarchical retrieve at {level} level needs one {_tag_name(tag, elem)}",
+                offending=(tag,),
+            )
         value = elem.value
         values = [value] if isinstance(value, str) else list(value)
-        out[UNIQUE[lvl]] = tuple(str(v).strip() for v in values if str(v).strip())
+        out[tag] = tuple(str(v).strip() for v in values if str(v).strip())
     return out
 
 
@@ -165,10 +240,28 @@ class QueryRetrieveService(Service):
         assert isinstance(options, QueryRetrieveOptions)
         self.opts = options
         self.archive = shared_archive(context)
-        self.match_options = MatchOptions(
-            fuzzy_names=options.case_insensitive_names, combined_datetime=True
-        )
+        # Combined date-time matching applies only where it was negotiated.
+        self.match_options = {
+            combined: MatchOptions(
+                fuzzy_names=options.case_insensitive_names, combined_datetime=combined
+            )
+            for combined in (False, True)
+        }
         self.ae_title = context.local_ae.ae_title
+
+    def extended_negotiation(self, abstract_syntax: str, proposed: bytes) -> bytes | None:
+        return extended_reply(abstract_syntax, proposed, self.opts.case_insensitive_names)
+
+    def agreed(self, association: Association, sop_class: str) -> bytes:
+        """The SOP Class Extended Negotiation options agreed for ``sop_class`` on this
+        association (b"" when none was proposed)."""
+        negotiation = getattr(association, "negotiation", None)
+        if negotiation is None:
+            return b""
+        proposed = negotiation.extended_negotiation.get(sop_class)
+        if not proposed:
+            return b""
+        return self.extended_negotiation(sop_class, proposed) or b""
 
     def offers(self) -> list[Offer]:
         ts = UNCOMPRESSED_TRANSFER_SYNTAXES
@@ -234,13 +327,16 @@ class QueryRetrieveService(Service):
             return
         query, level = got
         sop_class = request.context.abstract_syntax
+        agreed = self.agreed(association, sop_class)
+        relational = _flag(agreed, EXT_RELATIONAL)
         try:
-            check_hierarchy(query, level, sop_class)
+            if not relational:
+                check_hierarchy(query, level, sop_class)
             match_query = Dataset()
             for elem in query:
                 if elem.tag != qsql.QUERY_LEVEL:
                     match_query.add(elem)
-            compiled = compile_query(match_query, self.match_options)
+            compiled = compile_query(match_query, self.match_options[_flag(agreed, EXT_DATETIME)])
         except QueryError as exc:
             await self._refuse(association, request, exc)
             return
@@ -295,7 +391,7 @@ class QueryRetrieveService(Service):
                     log.warning(
                         "qr_too_many_matches",
                         max_results=limit,
-                        level=level,
+                        query_level=level,
                         calling_ae=association.calling_ae,
                     )
                     break
@@ -310,8 +406,9 @@ class QueryRetrieveService(Service):
         log.info(
             "qr_find",
             calling_ae=association.calling_ae,
-            level=level,
+            query_level=level,
             model="patient" if sop_class in PATIENT_ROOT else "study",
+            relational=relational,
             answers=sent,
             status=hex(status),
             ms=round((time.perf_counter() - started) * 1000, 3),
@@ -323,8 +420,10 @@ class QueryRetrieveService(Service):
         self, association: Association, request: Request, query: Any, level: str
     ) -> list[qsql.StoredInstance] | None:
         """The stored instances a C-MOVE/C-GET names, or None once it has been refused."""
+        sop_class = request.context.abstract_syntax
+        relational = _flag(self.agreed(association, sop_class), EXT_RELATIONAL)
         try:
-            uids = unique_keys(query, level, request.context.abstract_syntax)
+            uids = unique_keys(query, level, sop_class, relational=relational)
         except QueryError as exc:
             await self._refuse(association, request, exc)
             return None
