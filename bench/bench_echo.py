@@ -7,7 +7,11 @@
 What it measures, against each server, alternating servers in rounds (medians reported):
 
 * association rate: open + A-ASSOCIATE + one C-ECHO + A-RELEASE + close per second, with
-  1 and with 4 concurrent client workers, and the server CPU spent per association;
+  1 and with 4 concurrent client workers, and the server CPU spent per association; in two
+  request modes (``--requests``): ``same``, every association sends the same A-ASSOCIATE-RQ
+  bytes (a modality repeating its association), and ``new``, every association's request
+  differs (a distinct calling AE title each time, from a pool larger than any of dicomd's
+  caches), which measures the uncached set-up path;
 * C-ECHO round trip inside one association (2,000 sequential echoes: median, p99);
 * idle associations: N (default 1,000) associations opened and left idle: server RSS and
   PSS added, threads/processes, CPU over a few idle seconds, and the RTT, association rate
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import resource
@@ -63,6 +68,13 @@ A_ASSOCIATE_RJ = 0x03
 P_DATA_TF = 0x04
 A_RELEASE_RP = 0x06
 A_ABORT = 0x07
+
+# "new" request mode: the calling AE title (PS3.8 table 9-11, bytes 27-42 of the
+# A-ASSOCIATE-RQ) is replaced per association from a pool of this many distinct titles per
+# worker. dicomd's caches keyed by request hold at most 4,096 entries and are cleared when
+# full, so a title comes back only after more distinct ones than any cache can hold.
+CALLING_AE_SLICE = slice(26, 42)
+NEW_RQ_POOL = 20_000
 
 
 # ---------------------------------------------------------------------------------------
@@ -142,10 +154,26 @@ class PduClient(asyncio.Protocol):
 
 
 class Pdus:
-    def __init__(self, spec: dict[str, str]) -> None:
+    def __init__(self, spec: dict[str, str], new_rq_tag: str = "") -> None:
         self.rq = bytes.fromhex(spec["rq"])
         self.echo = bytes.fromhex(spec["echo"])
         self.release = bytes.fromhex(spec["release"])
+        # "new" mode: a pre-built pool of requests that differ in their calling AE title
+        # (``new_rq_tag`` keeps pools of different workers and windows apart).
+        self.rq_pool: list[bytes] = []
+        self._next = 0
+        if new_rq_tag:
+            template = bytearray(self.rq)
+            for i in range(NEW_RQ_POOL):
+                template[CALLING_AE_SLICE] = f"N{new_rq_tag}{i:07d}".ljust(16).encode()
+                self.rq_pool.append(bytes(template))
+
+    def next_rq(self) -> bytes:
+        if not self.rq_pool:
+            return self.rq
+        rq = self.rq_pool[self._next]
+        self._next = (self._next + 1) % len(self.rq_pool)
+        return rq
 
 
 def _check_echo_rsp(kind: int, body: bytes) -> None:
@@ -162,7 +190,7 @@ def _check_echo_rsp(kind: int, body: bytes) -> None:
 async def open_association(port: int, pdus: Pdus) -> tuple[asyncio.Transport, PduClient]:
     loop = asyncio.get_running_loop()
     transport, client = await loop.create_connection(PduClient, HOST, port)
-    transport.write(pdus.rq)
+    transport.write(pdus.next_rq())
     kind, _ = await client.read_pdu()
     if kind != A_ASSOCIATE_AC:
         transport.close()
@@ -184,7 +212,7 @@ async def one_association(port: int, pdus: Pdus) -> None:
 
 
 async def worker_rate(spec: dict[str, Any]) -> dict[str, Any]:
-    pdus = Pdus(spec["pdus"])
+    pdus = Pdus(spec["pdus"], spec.get("new_rq_tag", ""))
     port = int(spec["port"])
     concurrency = int(spec["concurrency"])
     await asyncio.sleep(max(0.0, float(spec["start_at"]) - time.time()))
@@ -377,6 +405,23 @@ def probe(port: int, pdus: Pdus, timeout: float = 5.0) -> None:
         recv_pdu(sock)
 
 
+def dicomd_config(workdir: Path, port: int, called_ae: str) -> dict[str, Any]:
+    """dicomd's configuration in this benchmark: one AE with verification, access open."""
+    return {
+        "run_as": {"allow_root": True},
+        "shutdown_timeout": 5,
+        "logging": {"level": "warning", "format": "json"},
+        "listeners": [{"name": "dicom", "address": HOST, "port": port, "backlog": 2048}],
+        "local_aes": [{"ae_title": called_ae, "services": {"verification": None}}],
+        "archive": {
+            "root": str(workdir / "archive"),
+            "index_url": f"sqlite:///{workdir / 'index.sqlite'}",
+        },
+        "access": {"default": "allow"},
+        "limits": {"max_associations": 5000},
+    }
+
+
 @dataclass
 class Server:
     key: str
@@ -395,21 +440,7 @@ class Server:
         if self.key == "dicomd":
             import yaml
 
-            config = {
-                "run_as": {"allow_root": True},
-                "shutdown_timeout": 5,
-                "logging": {"level": "warning", "format": "json"},
-                "listeners": [
-                    {"name": "dicom", "address": HOST, "port": self.port, "backlog": 2048}
-                ],
-                "local_aes": [{"ae_title": self.called_ae, "services": {"verification": None}}],
-                "archive": {
-                    "root": str(self.workdir / "archive"),
-                    "index_url": f"sqlite:///{self.workdir / 'index.sqlite'}",
-                },
-                "access": {"default": "allow"},
-                "limits": {"max_associations": 5000},
-            }
+            config = dicomd_config(self.workdir, self.port, self.called_ae)
             path = self.workdir / "dicomd.yaml"
             path.write_text(yaml.safe_dump(config, sort_keys=False))
             return [sys.executable, "-m", "dicomd", "run", "--config", str(path)], env
@@ -521,12 +552,20 @@ async def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+_new_rq_tags = itertools.count()
+
+
 async def measure_rate(
-    server: Server, concurrency: int, duration: float, client_procs: int
+    server: Server,
+    concurrency: int,
+    duration: float,
+    client_procs: int,
+    new_requests: bool = False,
 ) -> dict[str, Any]:
+    """Association rate; ``new_requests``: every association sends different RQ bytes."""
     procs = max(1, min(client_procs, concurrency))
     shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
-    start_at = time.time() + 0.6  # the workers' interpreter start-up is not measured
+    start_at = time.time() + 0.8  # the workers' interpreter start-up is not measured
     specs = [
         {
             "mode": "rate",
@@ -535,6 +574,7 @@ async def measure_rate(
             "concurrency": share,
             "duration": duration,
             "start_at": start_at,
+            "new_rq_tag": f"{next(_new_rq_tags) % 10000:04d}" if new_requests else "",
         }
         for share in shares
     ]
@@ -677,28 +717,46 @@ async def idle_test(
     return res
 
 
+# --requests: which request modes to measure, as (new_requests, result-key suffix).
+REQUEST_MODES = {
+    "same": [(False, "")],
+    "new": [(True, "_new")],
+    "both": [(False, ""), (True, "_new")],
+}
+
+
+def rate_keys(suffix: str) -> tuple[str, str]:
+    return f"rate1{suffix}", f"rate4{suffix}"
+
+
 def median_of(rounds: list[dict[str, Any]], key: str) -> float | None:
     values = [r[key] for r in rounds if r.get(key) is not None]
     return statistics.median(values) if values else None
 
 
 async def run_all(args: argparse.Namespace, servers: list[Server]) -> dict[str, Any]:
-    results: dict[str, Any] = {s.key: {"rate1": [], "rate4": [], "rtt": []} for s in servers}
+    modes = REQUEST_MODES[args.requests]
+    results: dict[str, Any] = {
+        s.key: {"rtt": [], **{key: [] for _, suffix in modes for key in rate_keys(suffix)}}
+        for s in servers
+    }
     for rnd in range(args.rounds):
         order = servers[rnd % len(servers) :] + servers[: rnd % len(servers)]
         print(f"round {rnd + 1}/{args.rounds}: {', '.join(s.key for s in order)}", flush=True)
         for server in order:
             r = results[server.key]
-            r["rate1"].append(await measure_rate(server, 1, args.duration, args.client_procs))
-            r["rate4"].append(await measure_rate(server, 4, args.duration, args.client_procs))
+            line = f"  {server.key:14s}"
+            for new, suffix in modes:
+                k1, k4 = rate_keys(suffix)
+                r[k1].append(await measure_rate(server, 1, args.duration, args.client_procs, new))
+                r[k4].append(await measure_rate(server, 4, args.duration, args.client_procs, new))
+                line += (
+                    f"  {'new' if new else 'same'} RQ: c1 {r[k1][-1]['rate']:6.0f}/s"
+                    f" c4 {r[k4][-1]['rate']:6.0f}/s"
+                    f" ({r[k1][-1]['errors'] + r[k4][-1]['errors']} errors)"
+                )
             r["rtt"].append(await measure_rtt(server, args.rtt_n))
-            print(
-                f"  {server.key:14s} c1 {r['rate1'][-1]['rate']:8.0f}/s"
-                f"  c4 {r['rate4'][-1]['rate']:8.0f}/s"
-                f"  rtt {r['rtt'][-1].get('median_us', float('nan')):8.0f} µs"
-                f"  errors {r['rate1'][-1]['errors'] + r['rate4'][-1]['errors']}",
-                flush=True,
-            )
+            print(f"{line}  rtt {r['rtt'][-1].get('median_us', float('nan')):6.0f} µs", flush=True)
     if not args.skip_idle:
         for server in servers:
             if server.key in NO_IDLE_TEST:
@@ -788,58 +846,75 @@ def report(
 ) -> str:
     lines = [", ".join(f"{k} {v}" for k, v in info.items()), ""]
     ref_key = "storescp" if "storescp" in results else None
-    summary: dict[str, dict[str, float | None]] = {}
-    for s in servers:
-        r = results[s.key]
-        summary[s.key] = {
-            "rate1": median_of(r["rate1"], "rate"),
-            "rate4": median_of(r["rate4"], "rate"),
-            "cpu1": median_of(r["rate1"], "server_cpu_us_per_assoc"),
-            "cpu4": median_of(r["rate4"], "server_cpu_us_per_assoc"),
-            "ccpu1": median_of(r["rate1"], "client_cpu_pct"),
-            "ccpu4": median_of(r["rate4"], "client_cpu_pct"),
-            "rtt": median_of(r["rtt"], "median_us"),
-            "p99": median_of(r["rtt"], "p99_us"),
-            "errors": sum(x["errors"] for x in r["rate1"] + r["rate4"]),
-        }
-    ref = summary.get(ref_key or "", {})
-    lines.append(
-        f"Association rate (connect + A-ASSOCIATE + C-ECHO + A-RELEASE + close, per "
-        f"second) and C-ECHO RTT in one association ({args.rtt_n} echoes); medians "
-        f"of {args.rounds} alternated rounds of {args.duration:g} s; ratios vs DCMTK "
-        "storescp (single process); server CPU from /proc, children included.\n"
-    )
-    lines.append(
-        "| server | assoc/s, 1 client | ratio | assoc/s, 4 clients | ratio "
-        "| server CPU µs/assoc (1 / 4) | client CPU % (1 / 4) "
-        "| echo RTT median µs | p99 µs | RTT ratio | errors |"
-    )
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for s in servers:
-        m = summary[s.key]
+    modes = REQUEST_MODES[getattr(args, "requests", "same")]
+    for index, (new, suffix) in enumerate(modes):
+        k1, k4 = rate_keys(suffix)
+        with_rtt = index == 0  # the echo RTT columns go with the first table only
+        summary: dict[str, dict[str, float | None]] = {}
+        for s in servers:
+            r = results[s.key]
+            summary[s.key] = {
+                "rate1": median_of(r[k1], "rate"),
+                "rate4": median_of(r[k4], "rate"),
+                "cpu1": median_of(r[k1], "server_cpu_us_per_assoc"),
+                "cpu4": median_of(r[k4], "server_cpu_us_per_assoc"),
+                "ccpu1": median_of(r[k1], "client_cpu_pct"),
+                "ccpu4": median_of(r[k4], "client_cpu_pct"),
+                "rtt": median_of(r["rtt"], "median_us"),
+                "p99": median_of(r["rtt"], "p99_us"),
+                "errors": sum(x["errors"] for x in r[k1] + r[k4]),
+            }
+        ref = summary.get(ref_key or "", {})
+        what = (
+            "every association sends a different A-ASSOCIATE-RQ (a new calling AE title "
+            f"each time, from a pool of {NEW_RQ_POOL:,} per worker)"
+            if new
+            else "every association sends the same A-ASSOCIATE-RQ bytes"
+        )
         lines.append(
-            f"| {s.label} | {fmt(m['rate1'])} | {ratio(m['rate1'], ref.get('rate1'))} "
-            f"| {fmt(m['rate4'])} | {ratio(m['rate4'], ref.get('rate4'))} "
-            f"| {fmt(m['cpu1'])} / {fmt(m['cpu4'])} | {fmt(m['ccpu1'])} / {fmt(m['ccpu4'])} "
-            f"| {fmt(m['rtt'])} | {fmt(m['p99'])} "
-            f"| {ratio(m['rtt'], ref.get('rtt'))} | {int(m['errors'] or 0)} |"
+            f"Association rate (connect + A-ASSOCIATE + C-ECHO + A-RELEASE + close, per "
+            f"second), {what}"
+            + (f", and C-ECHO RTT in one association ({args.rtt_n} echoes)" if with_rtt else "")
+            + f"; medians of {args.rounds} alternated rounds of {args.duration:g} s; ratios vs "
+            "DCMTK storescp (single process); server CPU from /proc, children included.\n"
         )
-    lines.append("")
-    lines.append(
-        "Per round, assoc/s with 1 / 4 clients [CPU % used by everything else on "
-        "the machine meanwhile, of 100 % x CPUs]:\n"
-    )
-    for s in servers:
-        r = results[s.key]
-        rounds = ", ".join(
-            f"{a['rate']:.0f} / {b['rate']:.0f} "
-            f"[{a['background_cpu_pct']:.0f} / {b['background_cpu_pct']:.0f}]"
-            for a, b in zip(r["rate1"], r["rate4"], strict=True)
+        head = (
+            "| server | assoc/s, 1 client | ratio | assoc/s, 4 clients | ratio "
+            "| server CPU µs/assoc (1 / 4) | client CPU % (1 / 4) "
         )
-        lines.append(f"- {s.label}: {rounds}")
-        samples = {e for x in r["rate1"] + r["rate4"] for e in x["error_samples"]}
-        if samples:
-            lines.append(f"  - errors: {'; '.join(sorted(samples))}")
+        if with_rtt:
+            lines.append(head + "| echo RTT median µs | p99 µs | RTT ratio | errors |")
+            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        else:
+            lines.append(head + "| errors |")
+            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for s in servers:
+            m = summary[s.key]
+            row = (
+                f"| {s.label} | {fmt(m['rate1'])} | {ratio(m['rate1'], ref.get('rate1'))} "
+                f"| {fmt(m['rate4'])} | {ratio(m['rate4'], ref.get('rate4'))} "
+                f"| {fmt(m['cpu1'])} / {fmt(m['cpu4'])} | {fmt(m['ccpu1'])} / {fmt(m['ccpu4'])} "
+            )
+            if with_rtt:
+                row += f"| {fmt(m['rtt'])} | {fmt(m['p99'])} | {ratio(m['rtt'], ref.get('rtt'))} "
+            lines.append(row + f"| {int(m['errors'] or 0)} |")
+        lines.append("")
+        lines.append(
+            f"Per round ({'new' if new else 'same'} requests), assoc/s with 1 / 4 clients "
+            "[CPU % used by everything else on the machine meanwhile, of 100 % x CPUs]:\n"
+        )
+        for s in servers:
+            r = results[s.key]
+            rounds = ", ".join(
+                f"{a['rate']:.0f} / {b['rate']:.0f} "
+                f"[{a['background_cpu_pct']:.0f} / {b['background_cpu_pct']:.0f}]"
+                for a, b in zip(r[k1], r[k4], strict=True)
+            )
+            lines.append(f"- {s.label}: {rounds}")
+            samples = {e for x in r[k1] + r[k4] for e in x["error_samples"]}
+            if samples:
+                lines.append(f"  - errors: {'; '.join(sorted(samples))}")
+        lines.append("")
 
     idle = [(s, i) for s in servers for i in results[s.key].get("idle", [])]
     if idle:
@@ -971,6 +1046,13 @@ def main() -> None:
         help="give up opening the idle associations after this long",
     )
     p.add_argument("--skip-idle", action="store_true")
+    p.add_argument(
+        "--requests",
+        choices=list(REQUEST_MODES),
+        default="both",
+        help="association-rate request mode: the same A-ASSOCIATE-RQ bytes every time, a new "
+        "one every time (distinct calling AE titles: dicomd's caches never hit), or both",
+    )
     p.add_argument(
         "--client-procs",
         type=int,

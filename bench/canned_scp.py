@@ -17,7 +17,7 @@ import sys
 
 import uvloop
 
-from dicomd.net import dimse, negotiation, pdu
+from dicomd.net import acse_codec, dimse, negotiation, pdu
 
 VERIFICATION = "1.2.840.10008.1.1"
 TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
@@ -30,9 +30,9 @@ def canned_replies(called_ae: str) -> dict[int, bytes]:
         contexts=[negotiation.ProposedContext(1, VERIFICATION, TRANSFER_SYNTAXES)],
         max_pdu_length=16384,
     )
-    request = negotiation.parse_request(pdu.decode_associate_rq(rq.encode()))
+    request = pdu.decode_associate_rq(rq.encode())
     offers = [negotiation.ContextOffer(VERIFICATION, TRANSFER_SYNTAXES, True, False)]
-    accepted = negotiation.build_accept(
+    accepted = acse_codec.encode_ac(
         request, negotiation.negotiate_contexts(request, offers), max_pdu_length=65536
     )
     echo_rq = dimse.decode_command(dimse.encode_command(dimse.c_echo_rq(1)))

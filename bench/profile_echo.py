@@ -5,8 +5,9 @@
     .venv/bin/python bench/profile_echo.py --callbacks
 
 1. ``--micro``: the sans-IO steps of one association set-up and one C-ECHO timed in
-   process (timeit, best of 5), no network: decode the A-ASSOCIATE-RQ, parse it, negotiate,
-   build and encode the A-ASSOCIATE-AC, and the echo's command decode + response encode.
+   process (timeit, best of 5), no network: decode the A-ASSOCIATE-RQ, negotiate, encode
+   the A-ASSOCIATE-AC, and the echo's command decode + response encode; and, for
+   comparison, the same set-up through pynetdicom's classes (tests/acse_reference.py).
 2. ``--callbacks``: dicomd run with its protocol callbacks (and the main steps of the
    association set-up inside them) wrapped to add up ``time.thread_time_ns()`` per
    association, while the load generator opens associations with 4 workers. Cheap (two
@@ -16,6 +17,9 @@
    bench_echo.py's load generator opens associations with 4 workers; prints the top
    functions by inclusive and by own time. cProfile inflates call-heavy Python code, so
    read the shares as an upper bound for pure-Python parts and compare with part 1.
+
+With ``--new-requests`` the load of parts 2 and 3 sends a different A-ASSOCIATE-RQ every
+time (bench_echo.py's "new" mode), so dicomd's per-request caches never hit.
 """
 
 from __future__ import annotations
@@ -115,10 +119,14 @@ CALLBACKS_MAIN = textwrap.dedent(
                  "  . Link.associate_accept (FSM, encode, write)")
     timed_function(pdu, "decode_associate_rq", "  . decode_associate_rq")
     timed_function(pdu, "encode_associate", "  . encode_associate")
-    timed_function(acceptor, "parse_request", "  . parse_request")
     timed_function(acceptor, "negotiate_contexts", "  . negotiate_contexts")
-    timed_function(acceptor, "build_accept", "  . build_accept")
+    timed_function(acceptor, "encode_ac", "  . encode_ac")
     timed_function(acceptor, "decide", "  . access decide (acceptor)")
+    timed_method(acceptor.AcceptorAssociation, "connection_started",
+                 "  . AcceptorAssociation.connection_started")
+    timed_method(acceptor.AcceptorAssociation, "on_associate_indication",
+                 "  . AcceptorAssociation.on_associate_indication")
+    timed_method(acceptor.AcceptorAssociation, "on_closed", "  . AcceptorAssociation.on_closed")
 
     class Timed:
         def __init__(self, coro):
@@ -153,7 +161,7 @@ CALLBACKS_MAIN = textwrap.dedent(
 
 
 def micro() -> None:
-    from dicomd.net import dimse, negotiation, pdu
+    from dicomd.net import acse_codec, dimse, negotiation, pdu
 
     rq = bytes.fromhex(bench.build_pdus("DICOMD")["rq"])
     echo = bytes.fromhex(bench.build_pdus("DICOMD")["echo"])
@@ -165,15 +173,13 @@ def micro() -> None:
             False,
         )
     ]
-    decoded = pdu.decode_associate_rq(rq)
-    request = negotiation.parse_request(decoded)
+    request = acse_codec.decode_rq(rq)
     negotiated = negotiation.negotiate_contexts(request, offers)
-    accept = negotiation.build_accept(request, negotiated, max_pdu_length=65536)
 
     def whole() -> bytes:
-        r = negotiation.parse_request(pdu.decode_associate_rq(rq))
+        r = acse_codec.decode_rq(rq)
         n = negotiation.negotiate_contexts(r, offers)
-        return pdu.encode_associate(negotiation.build_accept(r, n, max_pdu_length=65536))
+        return acse_codec.encode_ac(r, n, max_pdu_length=65536)
 
     def echo_path() -> bytes:
         command = dimse.decode_command(pdu.decode_pdata(echo)[0].data)
@@ -182,36 +188,149 @@ def micro() -> None:
 
     steps: list[tuple[str, Callable[[], object]]] = [
         (
-            "decode_associate_rq (pynetdicom A_ASSOCIATE_RQ.decode)",
-            lambda: pdu.decode_associate_rq(rq),
+            "acse_codec.decode_rq (A-ASSOCIATE-RQ bytes → AssociationRequest)",
+            lambda: acse_codec.decode_rq(rq),
         ),
-        ("parse_request (A_ASSOCIATE_RQ.to_primitive)", lambda: negotiation.parse_request(decoded)),
         ("negotiate_contexts", lambda: negotiation.negotiate_contexts(request, offers)),
         (
-            "build_accept (primitives + A_ASSOCIATE_AC.from_primitive)",
-            lambda: negotiation.build_accept(request, negotiated, max_pdu_length=65536),
+            "acse_codec.encode_ac (Negotiated → A-ASSOCIATE-AC bytes)",
+            lambda: acse_codec.encode_ac(request, negotiated, max_pdu_length=65536),
         ),
-        ("encode_associate (A_ASSOCIATE_AC.encode)", lambda: pdu.encode_associate(accept)),
         ("= whole A-ASSOCIATE-RQ → AC bytes", whole),
         ("C-ECHO: decode P-DATA + command, encode response", echo_path),
     ]
+    try:  # the pynetdicom path dicomd took before acse_codec (tests/acse_reference.py)
+        sys.path.insert(0, str(HERE.parent / "tests"))
+        from acse_reference import reference_decode_rq, reference_encode_ac
+
+        steps.append(
+            (
+                "  for comparison: the same through pynetdicom's classes (before acse_codec)",
+                lambda: reference_encode_ac(
+                    r := reference_decode_rq(rq),
+                    negotiation.negotiate_contexts(r, offers),
+                    max_pdu_length=65536,
+                ),
+            )
+        )
+    except ImportError:
+        pass
     print("In-process step timings, µs per call (best of 5):")
     for name, fn in steps:
         n = 1000
         best = min(timeit.repeat(fn, number=n, repeat=5)) / n
         print(f"  {best * 1e6:8.1f}  {name}")
-    from pydicom import config
-
-    config.settings.reading_validation_mode = config.IGNORE
-    best = min(timeit.repeat(whole, number=1000, repeat=5)) / 1000
-    print(f"  {best * 1e6:8.1f}  whole chain again with pydicom reading_validation_mode=IGNORE")
 
 
-async def _load(server: bench.Server, duration: float) -> dict[str, object]:
-    return await bench.measure_rate(server, 4, duration, 1)
+class _FakeTransport:
+    """Just enough of a transport for ``transport.Link``: writes are dropped, a close is
+    reported back as ``connection_lost`` from the event loop, as uvloop does."""
+
+    def __init__(self, link: object, port: int) -> None:
+        self._link = link
+        self._closing = False
+        self._extra = {"peername": ("127.0.0.1", port), "sockname": ("127.0.0.1", 11112)}
+        self.written = 0
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self._extra.get(name, default)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        self.written += len(chunks)
+
+    def write(self, data: bytes) -> None:
+        self.written += 1
+
+    def close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            asyncio.get_running_loop().call_soon(self._link.connection_lost, None)  # type: ignore[attr-defined]
+
+    abort = close
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
 
 
-def run_wrapped(wrapper: str, out: Path, duration: float) -> tuple[dict[str, object], float]:
+async def _cycles(n: int, new: bool, profile: object = None) -> float:
+    """``n`` whole associations (connect, A-ASSOCIATE, C-ECHO, A-RELEASE, close) through
+    dicomd's acceptor objects with a fake transport; returns CPU µs per association."""
+    import io
+
+    from dicomd.acceptor import Counters, Generation
+    from dicomd.config import parse_config
+    from dicomd.logging import configure_logging
+    from dicomd.services.registry import discover
+    from dicomd.supervisor import Supervisor, build_services
+
+    configure_logging("warning", "json", stream=io.StringIO())
+    pdus = bench.Pdus(bench.build_pdus("DICOMD"), "0000" if new else "")
+    with tempfile.TemporaryDirectory(prefix="dicomd-cycle-") as tmp:
+        registry = discover()[0]
+        config = parse_config(bench.dicomd_config(Path(tmp), 11112, "DICOMD"), registry=registry)
+        generation = Generation(config, build_services(config, registry), Counters())
+        new_link = Supervisor._new_link
+        holder = type("Holder", (), {"links": set()})()
+        loop = asyncio.get_running_loop()
+
+        async def one(i: int) -> None:
+            link = new_link(holder, generation, "dicom", 0.0)  # type: ignore[arg-type]
+            transport = _FakeTransport(link, 1024 + i % 60000)
+            link.connection_made(transport)  # type: ignore[arg-type]
+            link.data_received(pdus.next_rq())
+            link.data_received(pdus.echo)
+            while link.busy:  # the C-ECHO is served by a task
+                await asyncio.sleep(0)
+            link.data_received(pdus.release)
+            link.eof_received()
+            transport.close()
+            await link.closed
+
+        for i in range(200):  # warm-up
+            await one(i)
+        if profile is not None:
+            profile.enable()  # type: ignore[attr-defined]
+        cpu = time.process_time()
+        for i in range(n):
+            await one(i)
+        cpu = time.process_time() - cpu
+        if profile is not None:
+            profile.disable()  # type: ignore[attr-defined]
+        del loop
+    return cpu / n * 1e6
+
+
+def cycle(n: int, new: bool, top: int) -> None:
+    import cProfile
+
+    import uvloop
+
+    per = uvloop.run(_cycles(n, new))
+    print(
+        f"In process, fake transport, {'new' if new else 'the same'} A-ASSOCIATE-RQ each "
+        f"time: {per:.1f} µs CPU per association (connect, A-ASSOCIATE, C-ECHO, A-RELEASE, "
+        "close; no sockets, no kernel)"
+    )
+    if top:
+        profile = cProfile.Profile(time.process_time)
+        uvloop.run(_cycles(n, new, profile))
+        stats = pstats.Stats(profile)
+        stats.sort_stats("tottime").print_stats(top)
+
+
+async def _load(server: bench.Server, duration: float, new: bool) -> dict[str, object]:
+    return await bench.measure_rate(server, 4, duration, 1, new)
+
+
+def run_wrapped(
+    wrapper: str, out: Path, duration: float, new: bool = False
+) -> tuple[dict[str, object], float]:
     """dicomd started through ``wrapper`` (which writes ``out`` at exit) under 4-worker load.
     Returns the load result and the daemon's CPU µs per association (user + system)."""
     wd = out.parent
@@ -233,7 +352,7 @@ def run_wrapped(wrapper: str, out: Path, duration: float) -> tuple[dict[str, obj
                 if time.monotonic() > deadline or server.proc.poll() is not None:
                     raise
                 time.sleep(0.2)
-        result = asyncio.run(_load(server, duration))
+        result = asyncio.run(_load(server, duration, new))
     finally:
         server.proc.send_signal(signal.SIGTERM)  # dicomd exits cleanly: `out` is written
         try:
@@ -244,10 +363,10 @@ def run_wrapped(wrapper: str, out: Path, duration: float) -> tuple[dict[str, obj
     return result, float(result["server_cpu_us_per_assoc"])  # type: ignore[arg-type]
 
 
-def callbacks(duration: float) -> None:
+def callbacks(duration: float, new: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="dicomd-profile-") as tmp:
         out = Path(tmp) / "callbacks.json"
-        result, per_assoc = run_wrapped(CALLBACKS_MAIN, out, duration)
+        result, per_assoc = run_wrapped(CALLBACKS_MAIN, out, duration, new)
         acc: dict[str, list[int]] = json.loads(out.read_text())
     n = acc["data_received A-ASSOCIATE-RQ"][1]
     print(
@@ -267,10 +386,10 @@ def callbacks(duration: float) -> None:
     )
 
 
-def daemon(duration: float, top: int) -> None:
+def daemon(duration: float, top: int, new: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="dicomd-profile-") as tmp:
         prof_path = Path(tmp) / "dicomd.prof"
-        result, per_assoc = run_wrapped(PROFILED_MAIN, prof_path, duration)
+        result, per_assoc = run_wrapped(PROFILED_MAIN, prof_path, duration, new)
         print(
             f"under cProfile: {result['rate']:.0f} assoc/s, {per_assoc:.0f} µs CPU per association"
         )
@@ -284,16 +403,33 @@ def main() -> None:
     p.add_argument("--micro", action="store_true", help="only the in-process step timings")
     p.add_argument("--callbacks", action="store_true", help="only the timed callbacks")
     p.add_argument("--daemon", action="store_true", help="only the cProfiled daemon")
+    p.add_argument(
+        "--cycle",
+        type=int,
+        metavar="N",
+        default=0,
+        help="N whole associations in process through a fake transport (CPU per association "
+        "without sockets; with --top > 0 also a cProfile of them)",
+    )
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--top", type=int, default=50)
+    p.add_argument(
+        "--new-requests",
+        action="store_true",
+        help="the load sends a different A-ASSOCIATE-RQ every time (bench_echo.py's "
+        "'new' request mode: dicomd's per-request caches never hit)",
+    )
     args = p.parse_args()
+    if args.cycle:
+        cycle(args.cycle, args.new_requests, args.top)
+        return
     every = not (args.micro or args.callbacks or args.daemon)
     if args.micro or every:
         micro()
     if args.callbacks or every:
-        callbacks(args.duration)
+        callbacks(args.duration, args.new_requests)
     if args.daemon or every:
-        daemon(args.duration, args.top)
+        daemon(args.duration, args.top, args.new_requests)
 
 
 if __name__ == "__main__":

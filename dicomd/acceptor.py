@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, cast
 from dicomd.access import AccessDecision, AssociationFacts, decide
 from dicomd.association import Association
 from dicomd.net import events as ev
+from dicomd.net.acse_codec import AssociateRJ, encode_ac
 from dicomd.net.negotiation import (
     APPLICATION_CONTEXT_NAME,
     RESULT_ABSTRACT_SYNTAX_NOT_SUPPORTED,
@@ -28,15 +29,10 @@ from dicomd.net.negotiation import (
     ContextDecision,
     ContextOffer,
     Negotiated,
-    build_accept,
-    build_reject,
     negotiate_contexts,
-    parse_request,
 )
 
 if TYPE_CHECKING:
-    from pynetdicom.pdu import A_ASSOCIATE_AC
-
     from dicomd.association import Request
     from dicomd.config import Config, LocalAE
     from dicomd.services.base import Offer, Service
@@ -118,7 +114,11 @@ class Counters:
     by_address: dict[str, int] = field(default_factory=dict)
 
 
-ACCEPT_CACHE_SIZE = 1024
+# Per-request answers are cheap to recompute (~5 µs) and, when requests keep changing,
+# cost more in GC work than they save if kept long: a small cache (see pdu._RQ_CACHE_SIZE).
+# Offers per (local AE, decision) are few and stable.
+ACCEPT_CACHE_SIZE = 64
+OFFER_CACHE_SIZE = 256
 
 
 class Generation:
@@ -133,6 +133,8 @@ class Generation:
         self.open_associations = 0
         # (request, local AE, decision) → negotiation outcome; see AcceptorAssociation._negotiate.
         self.accept_cache: dict[tuple[int, int, int], tuple[Any, ...]] = {}
+        # (local AE, decision) → the offers it grants; see AcceptorAssociation._offers.
+        self.offer_cache: dict[tuple[int, int], tuple[Any, ...]] = {}
 
     def local_ae_for(self, called_ae: str, listener: str) -> LocalAEHandle | None:
         handle = self.local_aes.get(called_ae)
@@ -167,11 +169,12 @@ class AcceptorAssociation(Association):
         super().connection_started(link)
         self.log = self.log.bind(dicom_listener=self.listener)
         self.address = link.peer[0]
-        cert = link.tls_peer_certificate or {}
-        self.tls_subject = _cert_common_name(cert)
-        self.tls_names = tuple(
-            str(v) for k, v in cert.get("subjectAltName", ()) if k in ("DNS", "IP Address")
-        )
+        cert = link.tls_peer_certificate
+        if cert:
+            self.tls_subject = _cert_common_name(cert)
+            self.tls_names = tuple(
+                str(v) for k, v in cert.get("subjectAltName", ()) if k in ("DNS", "IP Address")
+            )
         # Enforcement point 1: an address (and certificate) no rule can allow, whatever the
         # AE titles, is dropped before any PDU is read.
         facts = AssociationFacts(
@@ -198,7 +201,7 @@ class AcceptorAssociation(Association):
 
     def on_associate_indication(self, event: ev.AssociateIndication) -> None:
         gen = self.generation
-        request = parse_request(event.request)
+        request = event.request
         self.negotiation = request
         self.calling_ae, self.called_ae = request.calling_ae, request.called_ae
         self.peer_max_pdu_length = request.max_pdu_length
@@ -207,14 +210,7 @@ class AcceptorAssociation(Association):
             request.implementation_version_name,
         )
         self.log = self.log.bind(dicom_calling_ae=self.calling_ae, dicom_called_ae=self.called_ae)
-
-        def reject(result: int, source: int, reason: int, why: str, **facts: object) -> None:
-            gen.counters.rejected += 1
-            self._end_reason = f"rejected: {why}"
-            facts.setdefault("address", self.address)
-            self.log.warning("association_rejected", reason=why, **facts)
-            self.link.associate_reject(build_reject(result, source, reason))
-
+        reject = self._reject
         if request.application_context != APPLICATION_CONTEXT_NAME:
             reject(
                 RJ_PERMANENT,
@@ -296,7 +292,45 @@ class AcceptorAssociation(Association):
             return
         self.permitted = decision.services
         negotiated, refused, extra, accept = self._negotiate(request, handle, decision)
-        self.extra_syntaxes.update(extra)
+        if extra:
+            self.extra_syntaxes.update(extra)
+        if refused:
+            self._log_refused_services(request, refused, decision)
+        self.local_ae = handle
+        handle.active += 1
+        gen.counters.active += 1
+        gen.counters.by_address[self.address] = gen.counters.by_address.get(self.address, 0) + 1
+        gen.counters.accepted += 1
+        self._counted = True
+        self._set_established(negotiated.accepted)
+        self.link.associate_accept(accept)
+        if not self.log.is_enabled_for("info"):
+            return  # the arguments below cost more than the rest of the set-up
+        self.log.info(
+            "association_accepted",
+            rule=decision.rule,
+            address=self.address,
+            tls_subject=self.tls_subject,
+            contexts=[
+                f"{cx.context_id}:{cx.abstract_syntax}/{cx.transfer_syntax}"
+                for cx in negotiated.accepted.values()
+            ],
+            rejected_contexts=sum(1 for d in negotiated.decisions if d.result != 0),
+            peer_max_pdu=request.max_pdu_length,
+            peer_implementation=request.implementation_version_name
+            or request.implementation_class_uid,
+        )
+
+    def _reject(self, result: int, source: int, reason: int, why: str, **facts: object) -> None:
+        self.generation.counters.rejected += 1
+        self._end_reason = f"rejected: {why}"
+        facts.setdefault("address", self.address)
+        self.log.warning("association_rejected", reason=why, **facts)
+        self.link.associate_reject(AssociateRJ(result, source, reason))
+
+    def _log_refused_services(
+        self, request: AssociationRequest, refused: dict[str, str], decision: AccessDecision
+    ) -> None:
         for verb in sorted(
             {
                 refused[cx.abstract_syntax]
@@ -315,79 +349,48 @@ class AcceptorAssociation(Association):
                 ),
                 reason=f"{verb!r} is refused by {by}",
             )
-        self.local_ae = handle
-        handle.active += 1
-        gen.counters.active += 1
-        gen.counters.by_address[self.address] = gen.counters.by_address.get(self.address, 0) + 1
-        gen.counters.accepted += 1
-        self._counted = True
-        self._set_established(negotiated.accepted)
-        self.link.associate_accept(accept)
-        self.log.info(
-            "association_accepted",
-            rule=decision.rule,
-            address=self.address,
-            tls_subject=self.tls_subject,
-            contexts=[
-                f"{cx.context_id}:{cx.abstract_syntax}/{cx.transfer_syntax}"
-                for cx in negotiated.accepted.values()
-            ],
-            rejected_contexts=sum(1 for d in negotiated.decisions if d.result != 0),
-            peer_max_pdu=request.max_pdu_length,
-            peer_implementation=request.implementation_version_name
-            or request.implementation_class_uid,
-        )
 
     def _negotiate(
         self, request: AssociationRequest, handle: LocalAEHandle, decision: AccessDecision
-    ) -> tuple[Negotiated, dict[str, str], dict[str, Service], A_ASSOCIATE_AC]:
+    ) -> tuple[Negotiated, dict[str, str], dict[str, Service], bytes]:
         """Contexts, refusals and the A-ASSOCIATE-AC for a request; pure in its arguments,
-        so it is remembered per (request, local AE, decision): identical requests from the
-        same peer (the usual case) skip the offer filtering and pynetdicom's AC building."""
+        so it is remembered per (request, local AE, decision): byte-identical requests (the
+        usual case, which ``pdu.decode_associate_rq`` shares) skip it. A new request pays
+        for the negotiation and the AC encoding only (a few µs): the offers the decision
+        lets through are remembered per (local AE, decision), see ``_offers``."""
         gen = self.generation
-        max_pdu = gen.config.limits.max_pdu_length
         key = (id(request), id(handle), id(decision))
         hit = gen.accept_cache.get(key)
         if hit is not None and hit[0] is request and hit[1] is handle and hit[2] is decision:
             return hit[3]
+        offers, refused = self._offers(handle, decision)
         taken: dict[str, Service] = {}  # syntaxes no offer names, taken by a service
-        # Enforcement point 3: contexts of services the decision does not grant are
-        # rejected with user-rejection (not "abstract syntax not supported": we do serve it).
-        offers = []
-        refused: dict[str, str] = {}  # abstract syntax → the verb it needed
-        for syntax, (offer, _service) in handle.by_syntax.items():
-            verb = handle.verb_by_syntax[syntax]
-            if decision.permits(verb):
-                offers.append(offer)
-                continue
-            role_only = handle.role_only_by_syntax.get(syntax)
-            if role_only is not None and decision.permits(role_only[1]):
-                offers.append(role_only[0])  # e.g. C-GET's storage SCP role without `store`
-            else:
-                refused[syntax] = verb
-        # Abstract syntaxes no offer names: a permitted service may still take them.
+        copied = False  # the remembered offers are shared: copy before adding to them
         for cx in request.contexts:
             syntax = cx.abstract_syntax
-            if syntax in handle.by_syntax or syntax in taken:
+            if syntax in handle.by_syntax or syntax in taken or syntax in refused:
                 continue
+            # An abstract syntax no offer names: a permitted service may still take it.
             for service in handle.services.values():
                 extra = service.offer_for(syntax)
                 if extra is None:
                     continue
+                if not copied:
+                    offers, refused, copied = dict(offers), dict(refused), True
                 verb = offer_verb(extra, service)
                 if not decision.permits(verb):
                     refused[syntax] = verb
                     break
-                offers.append(
-                    ContextOffer(syntax, extra.transfer_syntaxes, extra.scu_role, extra.scp_role)
+                offers[syntax] = ContextOffer(
+                    syntax, extra.transfer_syntaxes, extra.scu_role, extra.scp_role
                 )
                 taken[syntax] = service
                 break
         negotiated = _mark_refused(negotiate_contexts(request, offers), refused)
-        accept = build_accept(
+        accept = encode_ac(
             request,
             negotiated,
-            max_pdu_length=max_pdu,
+            max_pdu_length=gen.config.limits.max_pdu_length,
             extended_negotiation=_extended_replies(request, negotiated, handle, taken),
         )
         result = (negotiated, refused, taken, accept)
@@ -396,6 +399,36 @@ class AcceptorAssociation(Association):
         # The key objects are kept in the value so a recycled id() can never match.
         gen.accept_cache[key] = (request, handle, decision, result)
         return result
+
+    def _offers(
+        self, handle: LocalAEHandle, decision: AccessDecision
+    ) -> tuple[dict[str, ContextOffer], dict[str, str]]:
+        """The local AE's offers the decision grants, by abstract syntax, and the syntaxes
+        it refuses with the verb they needed (remembered per local AE and decision;
+        decisions are shared, see ``access.decide``). Enforcement point 3: contexts of
+        services the decision does not grant are rejected with user-rejection (not
+        "abstract syntax not supported": we do serve them)."""
+        cache = self.generation.offer_cache
+        key = (id(handle), id(decision))
+        hit = cache.get(key)
+        if hit is not None and hit[0] is handle and hit[1] is decision:
+            return hit[2], hit[3]
+        offers: dict[str, ContextOffer] = {}
+        refused: dict[str, str] = {}  # abstract syntax → the verb it needed
+        for syntax, (offer, _service) in handle.by_syntax.items():
+            verb = handle.verb_by_syntax[syntax]
+            if decision.permits(verb):
+                offers[syntax] = offer
+                continue
+            role_only = handle.role_only_by_syntax.get(syntax)
+            if role_only is not None and decision.permits(role_only[1]):
+                offers[syntax] = role_only[0]  # e.g. C-GET's storage SCP role without `store`
+            else:
+                refused[syntax] = verb
+        if len(cache) >= OFFER_CACHE_SIZE:
+            cache.clear()
+        cache[key] = (handle, decision, offers, refused)
+        return offers, refused
 
     def service_for(self, request: Request) -> Service | None:
         if self.local_ae is None:
@@ -428,12 +461,13 @@ class AcceptorAssociation(Association):
                 self.generation.counters.by_address.pop(self.address, None)
             if self.local_ae is not None:
                 self.local_ae.active -= 1
-            self.log.info(
-                "association_closed",
-                reason=self._end_reason or "connection closed",
-                **self.summary(),
-            )
-        elif not self._end_reason.startswith("rejected"):
+            if self.log.is_enabled_for("info"):  # summary() is not free
+                self.log.info(
+                    "association_closed",
+                    reason=self._end_reason or "connection closed",
+                    **self.summary(),
+                )
+        elif not self._end_reason.startswith("rejected") and self.log.is_enabled_for("info"):
             self.log.info(
                 "connection_closed",
                 reason=self._end_reason or "closed before association",

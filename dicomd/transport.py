@@ -9,7 +9,6 @@ no per-association task unless a service asks for one.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -18,7 +17,9 @@ from dicomd.net import events as ev
 from dicomd.net.fsm import UpperLayer
 
 if TYPE_CHECKING:
-    from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+
+    from dicomd.net.acse_codec import AssociateRJ
 
 log = get_logger("dicomd.transport")
 
@@ -37,8 +38,9 @@ class Link(asyncio.Protocol):
     ``artim_timeout`` is PS3.8's ARTIM (connect → A-ASSOCIATE-RQ, release → close).
     ``idle_timeout`` (0 = none) aborts an association on which nothing arrives for that
     long while it has nothing in flight; ``dimse_timeout`` aborts one whose incomplete
-    message stalls. Both are checked by one lazily re-armed timer per connection so an
-    idle association costs no wake-ups beyond one per timeout period.
+    message stalls. ARTIM and these checks share one lazily re-armed timer per connection
+    (see ``_arm``), so an idle association costs no wake-ups beyond one per timeout period
+    and a short one arms a single timer in its life.
     """
 
     def __init__(
@@ -68,8 +70,13 @@ class Link(asyncio.Protocol):
         # applies); busy while a request is being served (idle_timeout does not apply).
         self.in_message = False
         self.busy = False
-        self._artim: asyncio.TimerHandle | None = None
-        self._watch: asyncio.TimerHandle | None = None
+        # The one timer handle (when it fires), the ARTIM deadline (None: stopped) and the
+        # next idle/DIMSE check, all in loop.time().
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._artim_deadline: float | None = None
+        self._watch_period = min(t for t in (idle_timeout, dimse_timeout, 3600.0) if t > 0)
+        self._watch_due = 0.0
         self._last_activity = self.loop.time()
         self._paused_reading = False
         self._write_paused = False
@@ -79,11 +86,11 @@ class Link(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Without TCP_NODELAY a C-STORE-RSP waits for the peer's delayed ACK (~40 ms): both
+        # event loops set it on every TCP transport they create (uvloop in
+        # TCPTransport.new, asyncio in _SelectorSocketTransport), accepted or connected;
+        # tests/test_transport.py checks that they still do.
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Without TCP_NODELAY a C-STORE-RSP waits for the peer's delayed ACK (~40 ms).
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         if isinstance(peer, tuple):
@@ -94,8 +101,9 @@ class Link(asyncio.Protocol):
         self.owner.connection_started(self)
         if transport.is_closing():
             return  # the owner refused the connection (access policy) before any PDU
-        self._run(self.upper.connection_made())
-        self._arm_watch()
+        self._watch_due = self._last_activity + self._watch_period
+        self._run(self.upper.connection_made())  # the acceptor's AE-5 starts ARTIM
+        self._arm(self._watch_due)
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -137,10 +145,11 @@ class Link(asyncio.Protocol):
     def associate_request(self, rq: A_ASSOCIATE_RQ) -> None:
         self._run(self.upper.associate_request(rq))
 
-    def associate_accept(self, ac: A_ASSOCIATE_AC) -> None:
+    def associate_accept(self, ac: bytes) -> None:
+        """Send the A-ASSOCIATE-AC (encoded, ``acse_codec.encode_ac``)."""
         self._run(self.upper.associate_accept(ac))
 
-    def associate_reject(self, rj: A_ASSOCIATE_RJ) -> None:
+    def associate_reject(self, rj: AssociateRJ) -> None:
         self._run(self.upper.associate_reject(rj))
 
     def send_data(self, chunks: list[bytes | memoryview]) -> None:
@@ -190,11 +199,12 @@ class Link(asyncio.Protocol):
         """Act on the state machine's events, then write what it queued."""
         for event in events:
             kind = type(event)
-            if kind is ev.StartArtim:
-                self._start_artim()
-            elif kind is ev.StopArtim:
-                self._stop_artim()
-            elif kind is ev.CloseTransport:
+            if kind is _START_ARTIM:
+                self._artim_deadline = deadline = self.loop.time() + self.artim_timeout
+                self._arm(deadline)
+            elif kind is _STOP_ARTIM:
+                self._artim_deadline = None  # the timer, if due for it, will find nothing
+            elif kind is _CLOSE_TRANSPORT:
                 self._flush()
                 if self.transport is not None:
                     self.transport.close()
@@ -205,33 +215,49 @@ class Link(asyncio.Protocol):
     def _flush(self) -> None:
         chunks = self.upper.data_to_send()
         if chunks and self.transport is not None and not self.transport.is_closing():
-            for chunk in chunks:
-                self.bytes_out += len(chunk)
+            self.bytes_out += sum(map(len, chunks))
             self.transport.writelines(chunks)
 
-    def _start_artim(self) -> None:
-        self._stop_artim()
-        self._artim = self.loop.call_later(self.artim_timeout, self._artim_expired)
+    # ARTIM and the idle/DIMSE watch share one timer handle. A connection starts ARTIM
+    # (connect → A-ASSOCIATE-RQ), stops it, starts it again at release and stops it at the
+    # close, and is watched all along: arming and cancelling a timer for each of these
+    # cost as much as the rest of the release. So a stop only forgets the deadline, a start
+    # re-arms only if its deadline is earlier than the armed one, and when the handle fires
+    # it acts on whatever is due and re-arms for what is left.
 
-    def _stop_artim(self) -> None:
-        if self._artim is not None:
-            self._artim.cancel()
-            self._artim = None
+    def _arm(self, when: float) -> None:
+        timer = self._timer
+        if timer is not None:
+            if self._timer_at <= when:
+                return  # it fires first and re-arms for `when` then
+            timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._on_timer)
 
-    def _artim_expired(self) -> None:
-        self._artim = None
-        if self.on_timeout is not None:
-            self.on_timeout("ARTIM timer expired")
-        self._run(self.upper.artim_expired())
-
-    def _arm_watch(self) -> None:
-        period = min(t for t in (self.idle_timeout, self.dimse_timeout, 3600.0) if t > 0)
-        self._watch = self.loop.call_later(period, self._check_activity)
-
-    def _check_activity(self) -> None:
-        self._watch = None
+    def _on_timer(self) -> None:
+        self._timer = None
         if self.transport is None or self.upper.is_closed:
             return
+        upper = self.upper
+        now = self.loop.time()
+        deadline = self._artim_deadline
+        if deadline is not None and now >= deadline:
+            self._artim_deadline = None
+            if self.on_timeout is not None:
+                self.on_timeout("ARTIM timer expired")
+            self._run(upper.artim_expired())
+            if upper.is_closed:
+                return
+        if now >= self._watch_due:
+            if self._check_activity(now):
+                return
+            self._watch_due = now + self._watch_period
+        when = self._watch_due
+        deadline = self._artim_deadline
+        self._arm(when if deadline is None or when < deadline else deadline)
+
+    def _check_activity(self, now: float) -> bool:
+        """The idle and DIMSE timeouts; True if the association was aborted."""
         if self.upper.is_established and not self._paused_reading:
             # Waiting on the peer mid-message: DIMSE timeout. Idle between messages with
             # nothing being served: idle timeout. Serving a request: the service's business.
@@ -240,15 +266,20 @@ class Link(asyncio.Protocol):
                 limit, what = self.dimse_timeout, "DIMSE timeout"
             elif not self.busy:
                 limit, what = self.idle_timeout, "idle timeout"
-            if limit > 0 and self.loop.time() - self._last_activity >= limit:
+            if limit > 0 and now - self._last_activity >= limit:
                 if self.on_timeout is not None:
                     self.on_timeout(f"{what} after {limit:g} s")
                 self.abort()
-                return
-        self._arm_watch()
+                return True
+        return False
 
     def _cancel_timers(self) -> None:
-        self._stop_artim()
-        if self._watch is not None:
-            self._watch.cancel()
-            self._watch = None
+        self._artim_deadline = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+_START_ARTIM = ev.StartArtim
+_STOP_ARTIM = ev.StopArtim
+_CLOSE_TRANSPORT = ev.CloseTransport

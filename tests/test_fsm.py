@@ -11,6 +11,7 @@ import struct
 from collections.abc import Callable
 
 import pytest
+from acse_reference import reference_decode_rq
 from pdu_fixtures import make_ac, make_rq
 from pynetdicom.fsm import TRANSITION_TABLE as PS38_TABLE_9_10
 
@@ -357,7 +358,7 @@ def associate() -> tuple[UpperLayer, UpperLayer]:
     assert req.state is S.Sta5
     ev = pipe(req, acc)
     assert types(ev) == [StopArtim, AssociateIndication]
-    assert ev[1].request == make_rq()
+    assert ev[1].request == reference_decode_rq(make_rq().encode())
     assert acc.state is S.Sta3
     assert acc.associate_accept(make_ac()) == []
     ev = pipe(acc, req)

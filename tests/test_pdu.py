@@ -7,6 +7,7 @@ import struct
 
 import pdu_fixtures as fixtures
 import pytest
+from acse_reference import reference_decode_rq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -21,6 +22,7 @@ from dicomd.net.events import (
     ABORT_SOURCE_USER,
     Pdv,
 )
+from dicomd.net.negotiation import ProposedContext
 
 
 def make_rq() -> A_ASSOCIATE_RQ:
@@ -303,13 +305,16 @@ def test_pynetdicom_agrees_on_fixed_pdus() -> None:
 # --- association PDUs --------------------------------------------------------------------
 
 
-def test_associate_rq_round_trip() -> None:
-    rq = make_rq()
-    raw = P.encode_associate(rq)
+def test_associate_rq_decodes_like_pynetdicom() -> None:
+    raw = P.encode_associate(make_rq())
     back = P.decode_associate_rq(memoryview(raw))
-    assert back == rq
-    assert back.calling_ae_title == "STORESCU" and back.called_ae_title == "DICOMD"
-    assert P.encode_associate(back) == raw
+    assert back == reference_decode_rq(raw)
+    assert back.calling_ae == "STORESCU" and back.called_ae == "DICOMD"
+    assert back.contexts == (
+        ProposedContext(1, fixtures.VERIFICATION, (fixtures.IMPLICIT, "1.2.840.10008.1.2.1")),
+    )
+    assert back.max_pdu_length == 16384
+    assert P.decode_associate_rq(raw) is back  # identical bytes share one decoded request
 
 
 def test_associate_ac_rj_round_trip() -> None:
@@ -318,9 +323,17 @@ def test_associate_ac_rj_round_trip() -> None:
     rj = P.make_associate_rj(1, 1, 7)
     raw = P.encode_associate(rj)
     assert raw == bytes.fromhex("03000000000400010107")
+    assert raw == pynetdicom_rj(1, 1, 7).encode()
     back = P.decode_associate_rj(raw)
-    assert isinstance(back, A_ASSOCIATE_RJ)
+    assert back == rj
     assert (back.result, back.source, back.reason_diagnostic) == (1, 1, 7)
+    assert P.decode_associate_rj(pynetdicom_rj(2, 3, 2).encode()) == P.make_associate_rj(2, 3, 2)
+
+
+def pynetdicom_rj(result: int, source: int, reason: int) -> A_ASSOCIATE_RJ:
+    rj = A_ASSOCIATE_RJ()
+    rj.result, rj.source, rj.reason_diagnostic = result, source, reason
+    return rj
 
 
 def test_protocol_version_not_supported_is_a_distinct_signal() -> None:
@@ -332,7 +345,7 @@ def test_protocol_version_not_supported_is_a_distinct_signal() -> None:
     assert isinstance(exc.value, P.PduError)
     # PS3.8 9.3.2: only bit 0 is tested; extra bits are fine.
     raw[6:8] = b"\x00\x03"
-    assert P.decode_associate_rq(bytes(raw)).protocol_version == 3
+    assert P.decode_associate_rq(bytes(raw)).calling_ae == "STORESCU"
 
 
 def _replace_user_info(raw: bytes, extra_sub_items: bytes) -> bytes:
@@ -353,7 +366,7 @@ def test_unknown_user_information_sub_items_are_ignored() -> None:
     rq = make_rq()
     raw = _replace_user_info(rq.encode(), b"\x7f\x00\x00\x03abc")
     back = P.decode_associate_rq(raw)
-    assert back == rq  # PS3.8 D.2 note 2: ignored, not rejected
+    assert back == P.decode_associate_rq(rq.encode())  # PS3.8 D.2 note 2: ignored
 
 
 def test_unknown_top_level_item_is_unrecognized_parameter() -> None:
@@ -411,6 +424,9 @@ def test_encode_associate_wraps_errors() -> None:
     rj = A_ASSOCIATE_RJ()  # result/source/reason None: cannot be packed
     with pytest.raises(ValueError):
         P.encode_associate(rj)
+    with pytest.raises(ValueError):
+        P.encode_associate(P.make_associate_rj(1, 1, 256))
+    assert P.encode_associate(b"already encoded") == b"already encoded"
 
 
 # --- throughput sanity ---------------------------------------------------------------------

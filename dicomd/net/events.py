@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+    from pynetdicom.pdu import A_ASSOCIATE_AC
+
+    from dicomd.net.acse_codec import AssociateRJ
+    from dicomd.net.negotiation import AssociationRequest
 
 
 # A-ABORT source values (PS3.8 9.3.8, table 9-26).
@@ -45,7 +48,7 @@ class Pdv:
 class AssociateIndication:
     """A-ASSOCIATE indication (acceptor): the peer sent an A-ASSOCIATE-RQ (Evt6, AE-6)."""
 
-    request: A_ASSOCIATE_RQ
+    request: AssociationRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +67,7 @@ class AssociateRejected:
     saw an A-ASSOCIATE indication, this is for the log.
     """
 
-    reject: A_ASSOCIATE_RJ
+    reject: AssociateRJ
     local: bool = False
 
 

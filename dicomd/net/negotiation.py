@@ -1,9 +1,11 @@
 """Association negotiation (PS3.7 Annex D, PS3.8 9.3.2-9.3.4), sans-IO.
 
-pynetdicom's PDU classes and primitives do the byte-level work of the A-ASSOCIATE PDUs and
-their user-information sub-items (rare, intricate, well tested there). The decisions are
-ours: which presentation contexts to accept, with *our* transfer-syntax preference order
-(pynetdicom's acceptor keeps the requestor's order), which roles, and what we announce.
+The decisions are ours: which presentation contexts to accept, with *our* transfer-syntax
+preference order (pynetdicom's acceptor keeps the requestor's order), which roles, and
+what we announce. On the acceptor's side the A-ASSOCIATE-RQ arrives as an
+``AssociationRequest`` (decoded by ``acse_codec.decode_rq``) and the A-ASSOCIATE-AC is
+encoded from ``Negotiated`` by ``acse_codec.encode_ac``; on the requestor's side
+pynetdicom's PDU classes and primitives still build the RQ and read the AC.
 """
 
 from __future__ import annotations
@@ -12,15 +14,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from pydicom.uid import UID
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
-    AsynchronousOperationsWindowNegotiation,
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
     SCP_SCU_RoleSelectionNegotiation,
-    SOPClassCommonExtendedNegotiation,
     SOPClassExtendedNegotiation,
     UserIdentityNegotiation,
 )
@@ -88,7 +88,8 @@ class UserIdentity:
 @dataclass(frozen=True)
 class AssociationRequest:
     """Everything an A-ASSOCIATE-RQ tells the acceptor, in plain values: what the access
-    decision and the services see."""
+    decision and the services see (``acse_codec.decode_rq`` builds it). Shared between
+    associations whose requests were byte-identical: read it, never change it."""
 
     calling_ae: str
     called_ae: str
@@ -110,79 +111,6 @@ def _ae(value: str | bytes) -> str:
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
     return value.strip()
-
-
-def parse_request(pdu: A_ASSOCIATE_RQ) -> AssociationRequest:
-    """Plain values from a decoded A-ASSOCIATE-RQ PDU (remembered on the PDU object, which
-    ``pdu.decode_associate_rq`` shares between identical requests)."""
-    cached = getattr(pdu, "_dicomd_request", None)
-    if cached is None:
-        cached = _parse_request(pdu)
-        pdu._dicomd_request = cached  # type: ignore[attr-defined]
-    return cached
-
-
-def _parse_request(pdu: A_ASSOCIATE_RQ) -> AssociationRequest:
-    prim = pdu.to_primitive()
-    contexts = tuple(
-        ProposedContext(
-            int(cx.context_id or 0),
-            str(cx.abstract_syntax or ""),
-            tuple(str(ts) for ts in cx.transfer_syntax),
-        )
-        for cx in prim.presentation_context_definition_list
-    )
-    max_pdu = 0
-    impl_uid = ""
-    impl_version = ""
-    roles: dict[str, tuple[bool, bool]] = {}
-    ext: dict[str, bytes] = {}
-    common: dict[str, tuple[str, tuple[str, ...]]] = {}
-    identity: UserIdentity | None = None
-    window: tuple[int, int] | None = None
-    for item in prim.user_information:
-        if isinstance(item, MaximumLengthNotification):
-            max_pdu = int(item.maximum_length_received or 0)
-        elif isinstance(item, ImplementationClassUIDNotification):
-            impl_uid = str(item.implementation_class_uid or "")
-        elif isinstance(item, ImplementationVersionNameNotification):
-            raw = item.implementation_version_name or b""
-            impl_version = _ae(raw)
-        elif isinstance(item, SCP_SCU_RoleSelectionNegotiation):
-            roles[str(item.sop_class_uid)] = (bool(item.scu_role), bool(item.scp_role))
-        elif isinstance(item, SOPClassExtendedNegotiation):
-            ext[str(item.sop_class_uid)] = bytes(item.service_class_application_information or b"")
-        elif isinstance(item, SOPClassCommonExtendedNegotiation):
-            common[str(item.sop_class_uid)] = (
-                str(item.service_class_uid or ""),
-                tuple(str(u) for u in item.related_general_sop_class_identification),
-            )
-        elif isinstance(item, UserIdentityNegotiation):
-            identity = UserIdentity(
-                int(item.user_identity_type or 0),
-                bytes(item.primary_field or b""),
-                bytes(item.secondary_field or b""),
-                bool(item.positive_response_requested),
-            )
-        elif isinstance(item, AsynchronousOperationsWindowNegotiation):
-            window = (
-                int(item.maximum_number_operations_invoked),
-                int(item.maximum_number_operations_performed),
-            )
-    return AssociationRequest(
-        calling_ae=_ae(prim.calling_ae_title),
-        called_ae=_ae(prim.called_ae_title),
-        application_context=str(prim.application_context_name or ""),
-        contexts=contexts,
-        max_pdu_length=max_pdu,
-        implementation_class_uid=impl_uid,
-        implementation_version_name=impl_version,
-        roles=roles,
-        extended_negotiation=ext,
-        common_extended_negotiation=common,
-        user_identity=identity,
-        async_ops_window=window,
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,15 +138,18 @@ class Negotiated:
     role_replies: dict[str, tuple[bool, bool]]
 
 
-def negotiate_contexts(request: AssociationRequest, offers: Iterable[ContextOffer]) -> Negotiated:
+def negotiate_contexts(
+    request: AssociationRequest, offers: Iterable[ContextOffer] | dict[str, ContextOffer]
+) -> Negotiated:
     """Accept each proposed context we support, choosing by *our* transfer-syntax order.
+    ``offers`` may be given by abstract syntax already (a dict), as the acceptor keeps them.
 
     Roles (PS3.7 D.3.3.4): when the requestor proposes role selection for an abstract
     syntax and our offer supports it, we grant what it proposed and we allow; when our
     offer does not support role selection we send no reply item, so the default roles
     (requestor SCU, acceptor SCP) apply.
     """
-    by_syntax = {o.abstract_syntax: o for o in offers}
+    by_syntax = offers if type(offers) is dict else {o.abstract_syntax: o for o in offers}
     decisions: list[ContextDecision] = []
     accepted: dict[int, AcceptedContext] = {}
     role_replies: dict[str, tuple[bool, bool]] = {}
@@ -274,64 +205,6 @@ def _common_user_information(max_pdu_length: int) -> list[object]:
     impl_version = ImplementationVersionNameNotification()
     impl_version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     return [max_len, impl_uid, impl_version]
-
-
-def build_accept(
-    request: AssociationRequest,
-    negotiated: Negotiated,
-    *,
-    max_pdu_length: int,
-    extended_negotiation: dict[str, bytes] | None = None,
-) -> A_ASSOCIATE_AC:
-    """The A-ASSOCIATE-AC for a request we accept.
-
-    We announce an asynchronous operations window of (1, 1) whenever the requestor
-    proposed one: dicomd performs one operation at a time per association.
-    """
-    prim = A_ASSOCIATE()
-    prim.application_context_name = UID(APPLICATION_CONTEXT_NAME)
-    prim.calling_ae_title = request.calling_ae or "UNKNOWN"
-    prim.called_ae_title = request.called_ae or "UNKNOWN"
-    prim.result = 0
-    prim.result_source = 1
-    results = []
-    for d in negotiated.decisions:
-        cx = PresentationContext()
-        cx.context_id = d.context_id
-        cx.abstract_syntax = UID(d.abstract_syntax)
-        cx.transfer_syntax = [UID(d.transfer_syntax or "1.2.840.10008.1.2")]
-        cx.result = d.result
-        results.append(cx)
-    prim.presentation_context_definition_results_list = results
-    info = _common_user_information(max_pdu_length)
-    for uid, (scu, scp) in negotiated.role_replies.items():
-        role = SCP_SCU_RoleSelectionNegotiation()
-        role.sop_class_uid = UID(uid)
-        role.scu_role = scu
-        role.scp_role = scp
-        info.append(role)
-    if request.async_ops_window is not None:
-        window = AsynchronousOperationsWindowNegotiation()
-        window.maximum_number_operations_invoked = 1
-        window.maximum_number_operations_performed = 1
-        info.append(window)
-    for uid, app_info in (extended_negotiation or {}).items():
-        ext = SOPClassExtendedNegotiation()
-        ext.sop_class_uid = UID(uid)
-        ext.service_class_application_information = app_info
-        info.append(ext)
-    prim.user_information = info  # type: ignore[assignment]
-    pdu = A_ASSOCIATE_AC()
-    pdu.from_primitive(prim)
-    return pdu
-
-
-def build_reject(result: int, source: int, reason: int) -> A_ASSOCIATE_RJ:
-    pdu = A_ASSOCIATE_RJ()
-    pdu.result = result
-    pdu.source = source
-    pdu.reason_diagnostic = reason
-    return pdu
 
 
 def build_request(

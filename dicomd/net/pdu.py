@@ -8,10 +8,12 @@ Division of labour, following DESIGN.md:
 * P-DATA-TF (the hot path) is framed and split into PDVs by hand, zero-copy: a PDV's
   ``data`` is a ``memoryview`` into the received ``bytes`` chunk.
 * A-RELEASE-RQ/RP and A-ABORT are fixed 10-byte PDUs, done by hand.
-* A-ASSOCIATE-RQ/AC/RJ are rare and intricate: pynetdicom's ``pynetdicom.pdu`` classes
-  decode and encode them. We check the item structure first, because pynetdicom only
-  ``assert``s it (asserts vanish under ``python -O``), and we turn anything pynetdicom
-  raises into a ``PduError`` so that a malformed PDU is an A-ABORT, never a crash.
+* The acceptor's side of A-ASSOCIATE (decode the RQ, encode the AC or RJ) is done by hand
+  in ``acse_codec``: it is most of the CPU an association costs otherwise. The requestor's
+  side (encode the RQ, decode the AC) still goes through pynetdicom's ``pynetdicom.pdu``
+  classes: we check the item structure first, because pynetdicom only ``assert``s it
+  (asserts vanish under ``python -O``), and we turn anything pynetdicom raises into a
+  ``PduError`` so that a malformed PDU is an A-ABORT, never a crash.
 """
 
 from __future__ import annotations
@@ -20,16 +22,23 @@ import struct
 from collections import deque
 from collections.abc import Iterable
 
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu import A_ASSOCIATE_AC
 from pynetdicom.pdu_items import PDU_ITEM_TYPES
 
+from dicomd.net.acse_codec import (
+    AssociateRJ,
+    PduError,
+    ProtocolVersionNotSupported,
+    decode_rj,
+    decode_rq,
+)
 from dicomd.net.events import (
-    ABORT_REASON_INVALID_PDU_PARAMETER,
     ABORT_REASON_UNRECOGNIZED_PDU,
     ABORT_REASON_UNRECOGNIZED_PDU_PARAMETER,
     ABORT_SOURCE_USER,
     Pdv,
 )
+from dicomd.net.negotiation import AssociationRequest
 
 __all__ = [
     "A_ABORT",
@@ -116,38 +125,10 @@ _ASSOC_ITEMS_OFFSET = PDU_HEADER_LENGTH + _ASSOC_FIXED
 
 # Item types (PS3.8 9.3.2.x, 9.3.3.x, annex D; PS3.7 D.3.3).
 _ITEM_APPLICATION_CONTEXT = 0x10
-_ITEM_PRESENTATION_CONTEXT_RQ = 0x20
 _ITEM_PRESENTATION_CONTEXT_AC = 0x21
-_ITEM_ABSTRACT_SYNTAX = 0x30
 _ITEM_TRANSFER_SYNTAX = 0x40
 _ITEM_USER_INFORMATION = 0x50
 _USER_SUB_ITEMS = frozenset(t for t in PDU_ITEM_TYPES if t > _ITEM_USER_INFORMATION)
-
-
-class PduError(Exception):
-    """A received PDU cannot be accepted (PS3.8 Evt19 "unrecognized or invalid PDU").
-
-    ``reason`` is the A-ABORT provider reason (PS3.8 table 9-26) to answer with.
-    """
-
-    def __init__(self, message: str, reason: int = ABORT_REASON_INVALID_PDU_PARAMETER) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class ProtocolVersionNotSupported(PduError):
-    """An A-ASSOCIATE-RQ without bit 0 of its protocol version set (PS3.8 9.3.2).
-
-    Not an abort: PS3.8 AE-6 has the provider answer with an A-ASSOCIATE-RJ, result 1
-    (permanent), source 2 (provider, ACSE), reason 2 (protocol version not supported).
-    """
-
-    def __init__(self, protocol_version: int) -> None:
-        super().__init__(
-            f"A-ASSOCIATE-RQ protocol version 0x{protocol_version:04X} not supported "
-            "(bit 0, version 1, not set)"
-        )
-        self.protocol_version = protocol_version
 
 
 def _pdu_name(pdu_type: int) -> str:
@@ -401,7 +382,30 @@ def decode_abort(pdu: memoryview | bytes) -> tuple[int, int]:
     return pdu[8], pdu[9]
 
 
-# --- A-ASSOCIATE-RQ/AC/RJ (PS3.8 9.3.2 - 9.3.4), via pynetdicom -------------------------
+# --- A-ASSOCIATE-RQ/AC/RJ (PS3.8 9.3.2 - 9.3.4) ---------------------------------------------
+
+
+def decode_associate_rq(pdu: memoryview | bytes) -> AssociationRequest:
+    """Decode an A-ASSOCIATE-RQ (``acse_codec.decode_rq``); raises
+    ``ProtocolVersionNotSupported`` or ``PduError``."""
+    key = pdu if type(pdu) is bytes else bytes(pdu)
+    cached = _rq_cache.get(key)
+    if cached is not None:
+        return cached
+    decoded = decode_rq(key)
+    if len(_rq_cache) >= _RQ_CACHE_SIZE:
+        _rq_cache.clear()
+    _rq_cache[key] = decoded
+    return decoded
+
+
+# A modality sends the same A-ASSOCIATE-RQ bytes association after association: identical
+# bytes share one decoded request (it is only read, never changed), which also lets the
+# acceptor remember its answer per request object (acceptor.Generation.accept_cache). Kept
+# small: when every request is new, entries that outlive many associations end up in the
+# GC's older generations and cost more than the decode they would save (~6 µs).
+_RQ_CACHE_SIZE = 64
+_rq_cache: dict[bytes, AssociationRequest] = {}
 
 
 def _walk_items(data: memoryview, start: int, end: int, where: str) -> list[tuple[int, int, int]]:
@@ -422,29 +426,23 @@ def _walk_items(data: memoryview, start: int, end: int, where: str) -> list[tupl
     return items
 
 
-def _check_associate(pdu: memoryview, pdu_type: int) -> bytes:
-    """Check the item structure of an A-ASSOCIATE-RQ/AC and return the bytes to decode.
+def _check_associate_ac(pdu: memoryview) -> bytes:
+    """Check the item structure of an A-ASSOCIATE-AC and return the bytes for pynetdicom.
 
     Unrecognised User Information sub-items are dropped, because PS3.8 D.2 (note 2) has
-    acceptors ignore sub-items defined by later editions rather than fail on them.
+    receivers ignore sub-items defined by later editions rather than fail on them.
     """
-    name = _pdu_name(pdu_type)
+    name = "A-ASSOCIATE-AC"
     if len(pdu) < _ASSOC_ITEMS_OFFSET:
         raise PduError(f"{name} shorter than its {_ASSOC_FIXED}-byte fixed part")
-    if pdu_type == A_ASSOCIATE_RQ_PDU:
-        context_type = _ITEM_PRESENTATION_CONTEXT_RQ
-        allowed = (_ITEM_ABSTRACT_SYNTAX, _ITEM_TRANSFER_SYNTAX)
-    else:
-        context_type = _ITEM_PRESENTATION_CONTEXT_AC
-        allowed = (_ITEM_TRANSFER_SYNTAX,)
     rebuilt: list[bytes | memoryview] | None = None
     for item_type, off, stop in _walk_items(pdu, _ASSOC_ITEMS_OFFSET, len(pdu), name):
-        if item_type == context_type:
+        if item_type == _ITEM_PRESENTATION_CONTEXT_AC:
             # Presentation context ID, reserved, result/reason, reserved, then sub-items.
             if stop - off < 8:
                 raise PduError(f"{name}: presentation context item too short")
             for sub_type, _, _ in _walk_items(pdu, off + 8, stop, f"{name} context"):
-                if sub_type not in allowed:
+                if sub_type != _ITEM_TRANSFER_SYNTAX:
                     raise PduError(
                         f"{name}: sub-item 0x{sub_type:02X} in a presentation context",
                         ABORT_REASON_UNRECOGNIZED_PDU_PARAMETER,
@@ -469,79 +467,39 @@ def _check_associate(pdu: memoryview, pdu_type: int) -> bytes:
     return bytes(data)
 
 
-def _decode_with(cls: type, data: bytes, name: str) -> object:
-    pdu = cls()
-    try:
-        pdu.decode(data)
-    except Exception as exc:  # pynetdicom raises anything from KeyError to UnicodeError
-        raise PduError(f"{name} cannot be decoded: {exc!r}") from exc
-    return pdu
-
-
-def decode_associate_rq(pdu: memoryview | bytes) -> A_ASSOCIATE_RQ:
-    """Decode an A-ASSOCIATE-RQ; raises ``ProtocolVersionNotSupported`` or ``PduError``."""
-    pdu = memoryview(pdu)
-    # The version is tested before the layout: a later protocol version may lay the PDU
-    # out differently. PS3.8 9.3.2: a receiver "shall only test that bit 0 is set".
-    if len(pdu) < PDU_HEADER_LENGTH + 2:
-        raise PduError("A-ASSOCIATE-RQ too short for its protocol version")
-    version = _U16.unpack_from(pdu, PDU_HEADER_LENGTH)[0]
-    if not version & 1:
-        raise ProtocolVersionNotSupported(version)
-    key = bytes(pdu)
-    cached = _rq_cache.get(key)
-    if cached is not None:
-        return cached
-    data = _check_associate(pdu, A_ASSOCIATE_RQ_PDU)
-    decoded: A_ASSOCIATE_RQ = _decode_with(A_ASSOCIATE_RQ, data, "A-ASSOCIATE-RQ")  # type: ignore[assignment]
-    if len(_rq_cache) >= _RQ_CACHE_SIZE:
-        _rq_cache.clear()
-    _rq_cache[key] = decoded
-    return decoded
-
-
-# A modality sends the same A-ASSOCIATE-RQ bytes association after association; decoding
-# them through pynetdicom's classes is the largest single cost of an association. Decoded
-# requests are only read, never changed, so identical bytes share one decoded object.
-_RQ_CACHE_SIZE = 256
-_rq_cache: dict[bytes, A_ASSOCIATE_RQ] = {}
-
-
 def decode_associate_ac(pdu: memoryview | bytes) -> A_ASSOCIATE_AC:
-    data = _check_associate(memoryview(pdu), A_ASSOCIATE_AC_PDU)
-    return _decode_with(A_ASSOCIATE_AC, data, "A-ASSOCIATE-AC")  # type: ignore[return-value]
+    """Decode an A-ASSOCIATE-AC (requestor side) with pynetdicom."""
+    data = _check_associate_ac(memoryview(pdu))
+    ac = A_ASSOCIATE_AC()
+    try:
+        ac.decode(data)
+    except Exception as exc:  # pynetdicom raises anything from KeyError to UnicodeError
+        raise PduError(f"A-ASSOCIATE-AC cannot be decoded: {exc!r}") from exc
+    return ac
 
 
-def decode_associate_rj(pdu: memoryview | bytes) -> A_ASSOCIATE_RJ:
+def decode_associate_rj(pdu: memoryview | bytes) -> AssociateRJ:
     """Decode an A-ASSOCIATE-RJ. Result/source/reason are not range-checked: a rejection
     is final whatever its diagnostic says."""
-    if len(pdu) != PDU_HEADER_LENGTH + _FIXED_LENGTH:
-        raise PduError("A-ASSOCIATE-RJ PDU must be 10 bytes")
-    return _decode_with(A_ASSOCIATE_RJ, bytes(pdu), "A-ASSOCIATE-RJ")  # type: ignore[return-value]
+    return decode_rj(pdu)
 
 
-def make_associate_rj(result: int, source: int, reason: int) -> A_ASSOCIATE_RJ:
-    """Build an A-ASSOCIATE-RJ PDU object (PS3.8 9.3.4, table 9-21)."""
-    rj = A_ASSOCIATE_RJ()
-    rj.result = result
-    rj.source = source
-    rj.reason_diagnostic = reason
-    return rj
+def make_associate_rj(result: int, source: int, reason: int) -> AssociateRJ:
+    """An A-ASSOCIATE-RJ PDU (PS3.8 9.3.4, table 9-21)."""
+    return AssociateRJ(result, source, reason)
 
 
-def encode_associate(pdu: A_ASSOCIATE_RQ | A_ASSOCIATE_AC | A_ASSOCIATE_RJ) -> bytes:
-    """Encode an association PDU object with pynetdicom; errors are the caller's
-    (``ValueError``), not the peer's, so they are not ``PduError``."""
-    cached = getattr(pdu, "_dicomd_encoded", None)
-    if cached is not None:
-        return cached  # an A-ASSOCIATE-AC reused for identical requests (acceptor cache)
+def encode_associate(pdu: bytes | AssociateRJ | object) -> bytes:
+    """The bytes of an association PDU: already encoded ``bytes`` (the acceptor's
+    A-ASSOCIATE-AC, ``acse_codec.encode_ac``) as they are, else ``pdu.encode()`` (an
+    ``AssociateRJ``, or pynetdicom's A_ASSOCIATE_RQ/AC for the requestor). Errors are the
+    caller's (``ValueError``), not the peer's, so they are not ``PduError``."""
+    if type(pdu) is bytes:
+        return pdu
     try:
-        data = pdu.encode()
+        data = pdu.encode()  # type: ignore[attr-defined]
     except Exception as exc:
         raise ValueError(f"cannot encode {type(pdu).__name__}: {exc!r}") from exc
     if len(data) < PDU_HEADER_LENGTH or _HEADER.unpack_from(data)[1] != len(data) - 6:
         raise ValueError(f"{type(pdu).__name__} encoded with an inconsistent PDU-length")
-    if isinstance(pdu, A_ASSOCIATE_AC):
-        # The acceptor reuses one AC object for identical requests and never changes it.
-        pdu._dicomd_encoded = data  # type: ignore[attr-defined]
     return data
