@@ -309,29 +309,49 @@ def test_character_sets(server: Server, tmp_path: Path) -> None:
 
 
 def test_cancel(server: Server) -> None:
+    """A C-CANCEL sent on seeing the first answer stops a large C-FIND. The requestor
+    reacts within the stream (pynetdicom takes several milliseconds to, by when dicomd may
+    have sent all 300 answers and its final Success)."""
+    import asyncio
+
     from pydicom.dataset import Dataset
-    from pynetdicom import AE
+
+    from dicomd.association import associate
+    from dicomd.net import dimse
+    from dicomd.query.charset import encode_dataset
 
     bulk = [i for i in server.instances if i.patient_id == "BULK"]
-    ae = AE(ae_title="CANCELLER")
-    ae.add_requested_context(STUDY_ROOT_FIND)
-    assoc = ae.associate("127.0.0.1", server.port, ae_title="DICOMD")
-    assert assoc.is_established
-    try:
-        q = Dataset()
-        q.QueryRetrieveLevel = "IMAGE"
-        q.StudyInstanceUID = bulk[0].study_uid
-        q.SeriesInstanceUID = bulk[0].series_uid
-        q.SOPInstanceUID = ""
-        statuses = []
-        for status, _ in assoc.send_c_find(q, STUDY_ROOT_FIND, msg_id=7):
-            statuses.append(int(status.Status))
-            if len(statuses) == 1:
-                assoc.send_c_cancel(7, query_model=STUDY_ROOT_FIND)
-        assert statuses[-1] == 0xFE00
-        assert len(statuses) < len(bulk)
-    finally:
-        assoc.release()
+    q = Dataset()
+    q.QueryRetrieveLevel = "IMAGE"
+    q.StudyInstanceUID = bulk[0].study_uid
+    q.SeriesInstanceUID = bulk[0].series_uid
+    q.SOPInstanceUID = ""
+
+    async def find_and_cancel() -> list[int]:
+        explicit = "1.2.840.10008.1.2.1"
+        assoc = await associate(
+            "127.0.0.1",
+            server.port,
+            calling_ae="CANCELLER",
+            called_ae="DICOMD",
+            contexts=[(STUDY_ROOT_FIND, [explicit])],
+        )
+        statuses: list[int] = []
+        try:
+            cx = assoc.context_for(STUDY_ROOT_FIND)
+            message_id = assoc.next_message_id()
+            fields = dimse.c_find_rq(message_id, STUDY_ROOT_FIND)
+            async for response in assoc.request(cx, fields, encode_dataset(q, explicit)):
+                statuses.append(response.status)
+                if len(statuses) == 1:
+                    await assoc.send_message(cx, dimse.c_cancel_rq(message_id))
+        finally:
+            await assoc.release()
+        return statuses
+
+    statuses = asyncio.run(find_and_cancel())
+    assert statuses[-1] == 0xFE00
+    assert len(statuses) < len(bulk)
     entry = server.dicomd.wait_for_log("qr_find", status="0xfe00")
     assert entry["answers"] < len(bulk)
 

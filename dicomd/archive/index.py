@@ -38,7 +38,7 @@ from dicomd.archive.extract import (
     read_header,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 INTEGER_KEYS = frozenset({"SeriesNumber", "InstanceNumber", "NumberOfFrames"})
 _SNAKE_1 = re.compile(r"(.)([A-Z][a-z]+)")
 _SNAKE_2 = re.compile(r"([a-z0-9])([A-Z])")
@@ -71,6 +71,12 @@ def define_tables(metadata: sa.MetaData, version: int = SCHEMA_VERSION) -> dict[
         sa.Column("number_of_patient_related_studies", sa.Integer, nullable=False, default=0),
         sa.Column("number_of_patient_related_series", sa.Integer, nullable=False, default=0),
         sa.Column("number_of_patient_related_instances", sa.Integer, nullable=False, default=0),
+        *(
+            # C-FIND on Patient ID and (a prefix of) Patient's Name (schema version 4).
+            [sa.Index("ix_patient_id", "patient_id"), sa.Index("ix_patient_name", "patient_name")]
+            if version >= 4
+            else []
+        ),
     )
     study_extra = (
         [sa.Column("sop_classes_in_study", sa.Text, nullable=True)] if version >= 2 else []
@@ -179,10 +185,18 @@ def _migrate_3(conn: Connection) -> None:
     conn.execute(sa.text(f"ALTER TABLE instance ADD COLUMN header {blob}"))
 
 
+def _migrate_4(conn: Connection) -> None:
+    """Indexes for C-FIND on Patient ID and Patient's Name (a full scan of the patients
+    before, for every query on those keys)."""
+    for index in define_tables(sa.MetaData(), version=4)["patient"].indexes:
+        index.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _migrate_1),
     (2, _migrate_2),
     (3, _migrate_3),
+    (4, _migrate_4),
 ]
 
 

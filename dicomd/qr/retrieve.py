@@ -74,6 +74,41 @@ def dataset_bytes(root: Path, path: str) -> bytes:
         return fp.read()
 
 
+class ReadAhead:
+    """Reads the stored data set bytes of the next instance of a C-MOVE / C-GET in a worker
+    thread while the current one is on the wire (one instance ahead; the first one while
+    the C-MOVE sub-association is negotiated, when ``contexts`` is still None)."""
+
+    def __init__(self, root: Path, contexts: dict[tuple[str, str], int] | None) -> None:
+        self.root = root
+        self.contexts = contexts
+        self.pending: dict[str, asyncio.Future[bytes]] = {}
+
+    def start(self, inst: StoredInstance) -> None:
+        if inst.path in self.pending:
+            return
+        if self.contexts is not None:
+            chosen = choose(self.contexts, inst)
+            if chosen is None or chosen[1] != inst.transfer_syntax_uid:
+                return  # not sent as stored
+        loop = asyncio.get_running_loop()
+        self.pending[inst.path] = loop.run_in_executor(None, dataset_bytes, self.root, inst.path)
+
+    async def read(self, path: str) -> bytes:
+        future = self.pending.pop(path, None)
+        if future is None:
+            return await asyncio.to_thread(dataset_bytes, self.root, path)
+        return await future
+
+    def cancel(self) -> None:
+        """Drop reads not taken (a failed one's exception is taken here, not logged)."""
+        for future in self.pending.values():
+            if future.done() and not future.cancelled():
+                future.exception()
+            future.cancel()
+        self.pending.clear()
+
+
 # Transfer syntaxes whose compression loses information, with their (0028,2114) Lossy
 # Image Compression Method; JPEG 2000 / HTJ2K lossy-capable syntaxes are lossy when the
 # codestream uses the irreversible 9-7 wavelet.
@@ -207,6 +242,7 @@ async def store_on(
     root: Path,
     *,
     originator: tuple[str, int] | None = None,
+    reader: ReadAhead | None = None,
 ) -> int | None:
     """C-STORE one instance on ``sender``; its status, None when it could not be sent."""
     chosen = choose(contexts, inst)
@@ -220,7 +256,10 @@ async def store_on(
     cid, ts = chosen
     try:
         if ts == inst.transfer_syntax_uid:
-            data = await asyncio.to_thread(dataset_bytes, root, inst.path)
+            if reader is not None:
+                data = await reader.read(inst.path)
+            else:
+                data = await asyncio.to_thread(dataset_bytes, root, inst.path)
         else:
             data = await asyncio.to_thread(reencode, root, inst, ts)
     except OSError as exc:
@@ -268,14 +307,20 @@ async def run_suboperations(
     *,
     what: str,
     extra_log: dict[str, Any] | None = None,
+    reader: ReadAhead | None = None,
 ) -> None:
-    """Send each instance with ``store``, pending responses with counts, then the final one."""
+    """Send each instance with ``store``, pending responses with counts, then the final one;
+    ``reader`` reads the next instance while one is sent."""
     counts = Counts(len(instances))
     cancelled = False
-    for inst in instances:
+    for index, inst in enumerate(instances):
         if request.cancelled.is_set():
             cancelled = True
             break
+        if reader is not None:
+            reader.start(inst)
+            if index + 1 < len(instances):
+                reader.start(instances[index + 1])
         status = await store(inst)
         counts.remaining -= 1
         if status == STATUS_SUCCESS:
@@ -287,6 +332,8 @@ async def run_suboperations(
             counts.failed_uids.append(inst.sop_instance_uid)
         if counts.remaining:
             await association.respond(request, STATUS_PENDING, **counts.fields())
+    if reader is not None:
+        reader.cancel()
     await finish(association, request, counts, cancelled, what=what, extra_log=extra_log)
 
 
@@ -346,6 +393,8 @@ async def send_to_peer(
     if not instances:
         await finish(association, request, Counts(0), False, what="move", extra_log=extra_log)
         return
+    reader = ReadAhead(root, None)
+    reader.start(instances[0])
     try:
         tls = peer_connection(peer, context.shared.get(PEER_SSL_CONTEXTS, {}))
         sub = await associate(
@@ -357,6 +406,7 @@ async def send_to_peer(
             **tls,  # type: ignore[arg-type]
         )
     except (OSError, AssociationError, KeyError) as exc:
+        reader.cancel()
         log.error(
             "qr_move_subassociation_failed",
             move_destination=peer.ae_title,
@@ -379,11 +429,14 @@ async def send_to_peer(
         return
     contexts = {(cx.abstract_syntax, cx.transfer_syntax): cid for cid, cx in sub.contexts.items()}
     originator = (association.calling_ae, int(request.command.message_id or 0))
+    reader.contexts = contexts
     try:
 
         async def store(inst: StoredInstance) -> int | None:
             try:
-                return await store_on(sub, contexts, inst, root, originator=originator)
+                return await store_on(
+                    sub, contexts, inst, root, originator=originator, reader=reader
+                )
             except AssociationError as exc:
                 log.warning(
                     "qr_store_failed", sop_instance_uid=inst.sop_instance_uid, error=str(exc)
@@ -391,7 +444,7 @@ async def send_to_peer(
                 return None
 
         await run_suboperations(
-            association, request, instances, store, what="move", extra_log=extra_log
+            association, request, instances, store, what="move", extra_log=extra_log, reader=reader
         )
     finally:
         try:

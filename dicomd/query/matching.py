@@ -108,6 +108,32 @@ def element_texts(elem: DataElement) -> tuple[str, ...]:
     return tuple(out)
 
 
+# VRs of one value: a backslash in them is no delimiter (pydicom does not split them).
+_SINGLE_VALUED = frozenset({"LT", "ST", "UT", "UR"})
+
+
+def text_values(vr: str, text: str) -> tuple[str, ...]:
+    """What :func:`element_texts` gives for an element of ``vr`` whose value, as stored, is
+    ``text`` (values separated by backslashes), without building the element."""
+    if not text:
+        return ()
+    items = (text,) if vr in _SINGLE_VALUED else text.split("\\")
+    keep_leading = vr in _KEEP_LEADING
+    out: list[str] = []
+    for item in items:
+        item = item.rstrip(" \0") if keep_leading else item.strip(" \0")
+        if vr == "DA":
+            item = item.replace(".", "")
+        elif vr == "TM":
+            item = item.replace(":", "")
+        elif vr == "PN":
+            item = _normalise_pn(item)
+        out.append(item)
+    if all(t == "" for t in out):
+        return ()
+    return tuple(out)
+
+
 def _normalise_pn(text: str) -> str:
     groups = [g.rstrip("^ ") for g in text.split("=")]
     while groups and groups[-1] == "":

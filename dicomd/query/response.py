@@ -9,6 +9,8 @@ key's item; a zero-length sequence key (or one with an empty item) returns the i
 from __future__ import annotations
 
 import copy
+import struct
+from collections.abc import Iterable, Mapping
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -68,3 +70,120 @@ def build_answer(query: Dataset, stored: Dataset) -> Dataset:
         else:
             answer.add(_fresh(elem))
     return answer
+
+
+def canonical(vr: str, raw: bytes) -> bytes | None:
+    """The bytes pydicom writes back after reading the ASCII text value ``raw`` (what
+    :func:`build_answer`'s copy of the element holds), for *plain* values: no NUL but a
+    UID's final padding, no leading space, no space next to a value delimiter, no empty
+    trailing component group in a person name. Then the
+    only change is the trailing padding of the whole value, removed and put back to even
+    length. None for other values (pydicom's rules for them differ by VR)."""
+    last = raw[-1:]
+    if (
+        last != b" "
+        and last != b"\0"
+        and raw[:1] != b" "
+        and b"\0" not in raw
+        and b"\\" not in raw
+        and (vr != "PN" or last != b"=")
+        and not len(raw) % 2
+    ):
+        return raw  # the usual value: nothing to change
+    if b"\0" in raw and not (vr == "UI" and b"\0" not in raw.rstrip(b"\0")):
+        return None
+    core = raw.rstrip(b" \0")
+    if core[:1] == b" " or b" \\" in core or b"\\ " in core:
+        return None
+    if vr == "PN" and (core.endswith(b"=") or b"=\\" in core):
+        return None  # pydicom drops empty trailing component groups
+    if len(core) % 2:
+        core += b"\0" if vr == "UI" else b" "
+    return core
+
+
+_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT"})
+_EXPLICIT_LONG = struct.Struct("<HH2sHI")
+_IMPLICIT = struct.Struct("<HHI")
+
+
+class RawAnswer:
+    """Answers written straight from value bytes (little endian, explicit or implicit VR),
+    for queries whose keys are all text and matches whose values are all ASCII: the bytes
+    :func:`build_answer` and ``charset.encode_answer`` give for the same values.
+
+    ``keys``: (tag, VR) of the query's keys as ``build_answer`` walks them; ``charset``: the
+    (0008,0005) value the answers carry (the query's, as ``answer_charset`` keeps it for
+    all-ASCII answers), None for none.
+    """
+
+    def __init__(
+        self, keys: Iterable[tuple[int, str]], charset: str | None, *, implicit: bool
+    ) -> None:
+        self.implicit = implicit
+        self._heads: dict[tuple[int, str], tuple[bytes, bool]] = {}
+        layout: list[tuple[int, str]] = [
+            (tag, vr if vr not in ("UN", "SQ") else "UN") for tag, vr in keys
+        ]
+        fixed: dict[int, bytes] = {}
+        if charset is not None:
+            layout.append((SPECIFIC_CHARACTER_SET, "CS"))
+            fixed[SPECIFIC_CHARACTER_SET] = self.element(
+                SPECIFIC_CHARACTER_SET, "CS", charset.encode("ascii")
+            )
+        # (tag, the element when it has no value / a fixed element or None)
+        self.layout: list[tuple[int, bytes, bool]] = []
+        for tag, vr in sorted(layout):
+            if tag in fixed:
+                self.layout.append((tag, fixed[tag], True))
+            else:
+                self.layout.append((tag, self.element(tag, vr, b""), False))
+
+    def _head(self, tag: int, vr: str) -> tuple[bytes, bool]:
+        """(the element header up to its length, whether the length has 4 bytes)."""
+        key = (tag, vr)
+        found = self._heads.get(key)
+        if found is None:
+            if self.implicit:
+                found = (struct.pack("<HH", tag >> 16, tag & 0xFFFF), True)
+            elif vr in _LONG_VRS:
+                found = (struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), 0), True)
+            else:
+                found = (struct.pack("<HH2s", tag >> 16, tag & 0xFFFF, vr.encode()), False)
+            self._heads[key] = found
+        return found
+
+    def element(self, tag: int, vr: str, value: bytes) -> bytes:
+        if len(value) % 2:
+            value += b"\0" if vr == "UI" else b" "
+        head, long = self._head(tag, vr)
+        if long:
+            return head + len(value).to_bytes(4, "little") + value
+        if len(value) > 0xFFFF:
+            raise ValueError(f"a {vr} value of {len(value)} bytes")
+        return head + len(value).to_bytes(2, "little") + value
+
+    def encode(self, values: Mapping[int, tuple[str, bytes]]) -> bytes:
+        """The answer from ``{tag: (VR, value bytes)}``; keys without a value are empty."""
+        parts: list[bytes] = []
+        append = parts.append
+        heads = self._heads
+        for tag, empty, fixed in self.layout:
+            found = None if fixed else values.get(tag)
+            if found is None:
+                append(empty)
+                continue
+            vr, value = found
+            n = len(value)
+            if n & 1:
+                value += b"\0" if vr == "UI" else b" "
+                n += 1
+            head = heads.get((tag, vr)) or self._head(tag, vr)
+            if head[1]:
+                append(head[0] + n.to_bytes(4, "little"))
+            elif n > 0xFFFF:
+                raise ValueError(f"a {vr} value of {n} bytes")
+            else:
+                append(head[0] + n.to_bytes(2, "little"))
+            append(value)
+        return b"".join(parts)

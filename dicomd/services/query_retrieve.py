@@ -54,9 +54,8 @@ from pydicom.dataset import Dataset
 from dicomd.logging import get_logger
 from dicomd.net import dimse
 from dicomd.qr import sql as qsql
-from dicomd.query.charset import charset_terms, decode_identifier, encode_answer
-from dicomd.query.matching import MatchOptions, QueryError, compile_query, flatten
-from dicomd.query.response import build_answer
+from dicomd.query.charset import charset_terms, decode_identifier
+from dicomd.query.matching import MatchOptions, QueryError, compile_query
 from dicomd.services.base import Offer, Service, ServiceContext, ServiceOptions
 from dicomd.services.storage import (
     default_transfer_syntaxes,
@@ -105,6 +104,9 @@ UNCOMPRESSED = frozenset({EXPLICIT_LE, IMPLICIT_LE, "1.2.840.10008.1.2.2"})
 EXT_RELATIONAL = 0
 EXT_DATETIME = 1
 EXT_FUZZY = 2
+
+# Pending C-FIND responses written together; a C-CANCEL is honoured between batches.
+RESPONSE_BATCH = 16
 
 log = get_logger("dicomd.qr")
 
@@ -343,62 +345,45 @@ class QueryRetrieveService(Service):
         conditions = qsql.build_conditions(
             level, query, compiled, fuzzy_names=self.opts.case_insensitive_names
         )
-        terms = charset_terms(query)
-        ts = request.context.transfer_syntax
-        root = self.archive.root
+        find = qsql.FindRequest(
+            level, query, compiled, conditions, charset_terms(query),
+            request.context.transfer_syntax, self.ae_title, self.archive.root,
+        )  # fmt: skip
         engine = self.archive.engine
-        ae = self.ae_title
 
         def page(after: int) -> tuple[int | None, list[bytes]]:
             with engine.connect() as conn:
-                found = qsql.candidates_page(conn, level, conditions, after)
-                out: list[bytes] = []
-                for cand in found:
-                    header = None
-                    if cand.sop_instance_uid:
-                        try:
-                            header = qsql.stored_header(conn, cand.sop_instance_uid, root)
-                        except (OSError, ValueError) as exc:
-                            # Matched and answered from the index's values alone.
-                            log.warning(
-                                "qr_header_unreadable",
-                                sop_instance_uid=cand.sop_instance_uid,
-                                error=str(exc) or repr(exc),
-                            )
-                    stored = qsql.entity_dataset(level, cand, header, ae)
-                    if compiled.matches(flatten(stored)):
-                        out.append(encode_answer(build_answer(query, stored), terms, ts))
-            return (found[-1].pk if len(found) == qsql.PAGE else None), out
+                return qsql.find_page(conn, find, after)
 
         sent = 0
         limit = self.opts.max_results
         status = STATUS_SUCCESS
         comment: str | None = None
         after: int | None = 0
-        await asyncio.sleep(0)
         while after is not None and status == STATUS_SUCCESS:
             if request.cancelled.is_set():
                 status = STATUS_CANCEL
                 break
             after, answers = await asyncio.to_thread(page, after)
-            for body in answers:
+            if limit is not None and sent + len(answers) > limit:
+                answers = answers[: limit - sent]
+                status = STATUS_OUT_OF_RESOURCES
+                comment = f"more than {limit} matches; narrow the query"
+                log.warning(
+                    "qr_too_many_matches",
+                    max_results=limit,
+                    query_level=level,
+                    calling_ae=association.calling_ae,
+                )
+            # Pending responses in batches, one write each; a C-CANCEL is read between them.
+            for start in range(0, len(answers), RESPONSE_BATCH):
                 if request.cancelled.is_set():
-                    status = STATUS_CANCEL
+                    status, comment = STATUS_CANCEL, None
                     break
-                if limit is not None and sent >= limit:
-                    status = STATUS_OUT_OF_RESOURCES
-                    comment = f"more than {limit} matches; narrow the query"
-                    log.warning(
-                        "qr_too_many_matches",
-                        max_results=limit,
-                        query_level=level,
-                        calling_ae=association.calling_ae,
-                    )
-                    break
-                await association.respond(request, STATUS_PENDING, body)
-                sent += 1
-                if sent % 8 == 0:
-                    await asyncio.sleep(0)
+                batch = answers[start : start + RESPONSE_BATCH]
+                await association.respond_pending(request, batch, STATUS_PENDING)
+                sent += len(batch)
+                await asyncio.sleep(0)
         if comment is not None:
             await association.respond(request, status, error_comment=comment)
         else:
@@ -480,7 +465,7 @@ class QueryRetrieveService(Service):
 
     async def _get(self, association: Association, request: Request) -> None:
         from dicomd.association import AssociationError
-        from dicomd.qr.retrieve import run_suboperations, store_on
+        from dicomd.qr.retrieve import ReadAhead, run_suboperations, store_on
 
         got = await self._identifier(association, request)
         if got is None:
@@ -496,10 +481,11 @@ class QueryRetrieveService(Service):
             if cx.scp_role
         }
         root = self.archive.root
+        reader = ReadAhead(root, contexts)
 
         async def store(inst: qsql.StoredInstance) -> int | None:
             try:
-                return await store_on(association, contexts, inst, root)
+                return await store_on(association, contexts, inst, root, reader=reader)
             except AssociationError:
                 raise
             except Exception as exc:
@@ -508,4 +494,4 @@ class QueryRetrieveService(Service):
                 )
                 return None
 
-        await run_suboperations(association, request, instances, store, what="get")
+        await run_suboperations(association, request, instances, store, what="get", reader=reader)
