@@ -116,7 +116,7 @@ CALLBACKS_MAIN = textwrap.dedent(
     timed_method(transport.Link, "connection_made", "connection_made")
     timed_method(transport.Link, "connection_lost", "connection_lost")
     timed_method(transport.Link, "associate_accept",
-                 "  . Link.associate_accept (FSM, encode, write)")
+                 "  . Link.associate_accept (FSM, write)")
     timed_function(pdu, "decode_associate_rq", "  . decode_associate_rq")
     timed_function(pdu, "encode_associate", "  . encode_associate")
     timed_function(acceptor, "negotiate_contexts", "  . negotiate_contexts")
@@ -140,15 +140,15 @@ CALLBACKS_MAIN = textwrap.dedent(
                 try:
                     yielded = inner.send(value)
                 except StopIteration as stop:
-                    add("_serve task (service + response)", clock() - t)
+                    add("_serve (service + response, inline or task)", clock() - t)
                     return stop.value
-                add("_serve task (service + response)", clock() - t)
+                add("_serve (service + response, inline or task)", clock() - t)
                 value = yield yielded
 
     original_serve = association.Association._serve
 
-    async def _serve(self, request):
-        return await Timed(original_serve(self, request))
+    async def _serve(self, *args):
+        return await Timed(original_serve(self, *args))
 
     association.Association._serve = _serve
     atexit.register(lambda: json.dump(acc, open(out, "w")))
@@ -263,7 +263,7 @@ async def _cycles(n: int, new: bool, profile: object = None) -> float:
     dicomd's acceptor objects with a fake transport; returns CPU µs per association."""
     import io
 
-    from dicomd.acceptor import Counters, Generation
+    from dicomd.acceptor import AcceptorAssociation, Counters, Generation
     from dicomd.config import parse_config
     from dicomd.logging import configure_logging
     from dicomd.services.registry import discover
@@ -276,7 +276,7 @@ async def _cycles(n: int, new: bool, profile: object = None) -> float:
         config = parse_config(bench.dicomd_config(Path(tmp), 11112, "DICOMD"), registry=registry)
         generation = Generation(config, build_services(config, registry), Counters())
         new_link = Supervisor._new_link
-        holder = type("Holder", (), {"links": set()})()
+        holder = type("Holder", (), {"links": set(), "association_class": AcceptorAssociation})()
         loop = asyncio.get_running_loop()
 
         async def one(i: int) -> None:

@@ -165,9 +165,16 @@ class AcceptorAssociation(Association):
         self._counted = False
         generation.open_associations += 1
 
+    def _log_context(self) -> dict[str, Any]:
+        context = super()._log_context()
+        context["dicom_listener"] = self.listener
+        if self.negotiation is not None:  # the A-ASSOCIATE-RQ arrived: AE titles known
+            context["dicom_calling_ae"] = self.calling_ae
+            context["dicom_called_ae"] = self.called_ae
+        return context
+
     def connection_started(self, link):  # type: ignore[no-untyped-def]
         super().connection_started(link)
-        self.log = self.log.bind(dicom_listener=self.listener)
         self.address = link.peer[0]
         cert = link.tls_peer_certificate
         if cert:
@@ -209,7 +216,7 @@ class AcceptorAssociation(Association):
             request.implementation_class_uid,
             request.implementation_version_name,
         )
-        self.log = self.log.bind(dicom_calling_ae=self.calling_ae, dicom_called_ae=self.called_ae)
+        self._log = None  # the AE titles are known now
         reject = self._reject
         if request.application_context != APPLICATION_CONTEXT_NAME:
             reject(
@@ -296,6 +303,9 @@ class AcceptorAssociation(Association):
             self.extra_syntaxes.update(extra)
         if refused:
             self._log_refused_services(request, refused, decision)
+        # The A-ASSOCIATE-AC goes out first: the peer's next PDU cannot be read before this
+        # callback returns, and the bookkeeping below then overlaps its round trip.
+        self.link.associate_accept(accept)
         self.local_ae = handle
         handle.active += 1
         gen.counters.active += 1
@@ -303,8 +313,7 @@ class AcceptorAssociation(Association):
         gen.counters.accepted += 1
         self._counted = True
         self._set_established(negotiated.accepted)
-        self.link.associate_accept(accept)
-        if not self.log.is_enabled_for("info"):
+        if not self.logs("info"):
             return  # the arguments below cost more than the rest of the set-up
         self.log.info(
             "association_accepted",
@@ -461,13 +470,13 @@ class AcceptorAssociation(Association):
                 self.generation.counters.by_address.pop(self.address, None)
             if self.local_ae is not None:
                 self.local_ae.active -= 1
-            if self.log.is_enabled_for("info"):  # summary() is not free
+            if self.logs("info"):  # summary() is not free
                 self.log.info(
                     "association_closed",
                     reason=self._end_reason or "connection closed",
                     **self.summary(),
                 )
-        elif not self._end_reason.startswith("rejected") and self.log.is_enabled_for("info"):
+        elif not self._end_reason.startswith("rejected") and self.logs("info"):
             self.log.info(
                 "connection_closed",
                 reason=self._end_reason or "closed before association",

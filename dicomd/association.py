@@ -14,11 +14,11 @@ import itertools
 import ssl as ssl_module
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from dicomd.logging import get_logger
+from dicomd.logging import Logger, get_logger
 from dicomd.net import dimse
 from dicomd.net import events as ev
 from dicomd.net.negotiation import (
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from dicomd.services.base import Service
 
 _assoc_ids = itertools.count(1)
+_LEVEL_PROBE = get_logger("dicomd.association")  # see Association.logs
 
 # Above this many buffered data set bytes the socket stops being read until the service
 # catches up; below the low mark reading resumes.
@@ -155,7 +156,7 @@ class DatasetStream:
         return b"".join(parts)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     """One incoming DIMSE request."""
 
@@ -164,8 +165,28 @@ class Request:
     command: dimse.Command
     dataset: DatasetStream | None
     received_at: float
-    cancelled: asyncio.Event
     responded: bool = False
+    _cancelled: asyncio.Event | None = field(default=None, repr=False)
+    _cancel_requested: bool = field(default=False, repr=False)
+
+    @property
+    def cancelled(self) -> asyncio.Event:
+        """Set once the peer sends a C-CANCEL-RQ for this request or the association ends.
+
+        Made on first use: only long requests (C-FIND, C-MOVE, C-GET) look at it, and an
+        Event per request was a measurable share of a C-ECHO."""
+        event = self._cancelled
+        if event is None:
+            event = self._cancelled = asyncio.Event()
+            if self._cancel_requested:
+                event.set()
+        return event
+
+    def cancel(self) -> None:
+        """Set ``cancelled`` (now, or when it is first made)."""
+        self._cancel_requested = True
+        if self._cancelled is not None:
+            self._cancelled.set()
 
 
 @dataclass(frozen=True)
@@ -206,14 +227,14 @@ class Association:
     def __init__(self) -> None:
         self.id = next(_assoc_ids)
         self.link: Link = None  # type: ignore[assignment]  # set in connection_started
-        self.log = get_logger("dicomd.association")
+        self._log: Logger | None = None
         self.calling_ae = ""
         self.called_ae = ""
         self.contexts: dict[int, AcceptedContext] = {}
         self.peer_max_pdu_length = 0
         self.peer_implementation = ("", "")
         self.started = time.monotonic()
-        self.established = asyncio.get_running_loop().create_future()
+        self._established: asyncio.Future[None] | None = None
         self.messages_in = 0
         self.messages_out = 0
         self._assembler: dimse.MessageAssembler | None = None
@@ -224,14 +245,52 @@ class Association:
         self._message_ids = itertools.cycle(range(1, 65536))
         self._end_reason = ""
 
+    @property
+    def established(self) -> asyncio.Future[None]:
+        """Done when the association is established; fails if it never is.
+
+        Made on first use, on the link's loop once there is a link: asking asyncio for
+        the running loop costs a getpid() system call, once per association otherwise."""
+        future = self._established
+        if future is None:
+            loop = self.link.loop if self.link is not None else asyncio.get_running_loop()
+            future = self._established = loop.create_future()
+        return future
+
+    # -- logging -------------------------------------------------------------------------
+
+    @property
+    def log(self) -> Logger:
+        """This association's logger, bound to the DICOM_* fields known so far.
+
+        Built on first use and again after the fields change (``_log_context``): most
+        associations log nothing at the configured level, and three binds were a
+        measurable part of a short one."""
+        log = self._log
+        if log is None:
+            log = self._log = get_logger("dicomd.association", **self._log_context())
+        return log
+
+    def logs(self, level: str) -> bool:
+        """Whether ``self.log`` emits ``level``, without building it: a guard for log lines
+        whose arguments cost something (it is the same logger name, so the same level)."""
+        return _LEVEL_PROBE.is_enabled_for(level)
+
+    def _log_context(self) -> dict[str, Any]:
+        """The bound fields, in the order they are learnt (journal DICOM_* fields)."""
+        context: dict[str, Any] = {}
+        if self.link is not None:
+            peer = self.link.peer
+            context["dicom_assoc_id"] = self.id
+            context["dicom_peer"] = f"{peer[0]}:{peer[1]}"
+        return context
+
     # -- ConnectionOwner ---------------------------------------------------------------
 
     def connection_started(self, link: Link) -> None:
         self.link = link
         link.on_timeout = self._timed_out
-        self.log = self.log.bind(
-            dicom_assoc_id=self.id, dicom_peer=f"{link.peer[0]}:{link.peer[1]}"
-        )
+        self._log = None  # the peer is known now
 
     def upper_layer_event(self, event: ev.Event) -> None:
         kind = type(event)
@@ -326,7 +385,9 @@ class Association:
 
     def _on_command(self, context_id: int, command: dimse.Command) -> None:
         self.messages_in += 1
-        if command.is_response:
+        # decode_command guarantees an int Command Field; read it once.
+        command_field = command.fields[0x0100]
+        if command_field & dimse.RESPONSE_BIT:
             queue = self._responses.get(int(command.message_id_being_responded_to or 0))
             if queue is None:
                 self.log.warning(
@@ -342,19 +403,34 @@ class Association:
             else:
                 queue.put_nowait(Response(command, None))
             return
-        if command.command_field == dimse.C_CANCEL_RQ:
+        if command_field == dimse.C_CANCEL_RQ:
             target = self._in_flight.get(int(command.message_id_being_responded_to or 0))
             if target is not None:
-                target.cancelled.set()
+                target.cancel()
             return
         context = self.contexts[context_id]
         stream = DatasetStream(self) if command.has_dataset else None
-        request = Request(self, context, command, stream, time.monotonic(), asyncio.Event())
+        request = Request(self, context, command, stream, time.monotonic())
         if stream is not None:
             self._incoming = stream
         self._in_flight[int(command.message_id or 0)] = request
         self.link.busy = True
-        task = asyncio.get_running_loop().create_task(self._serve(request))
+        try:
+            service = self.service_for(request)
+        except Exception as exc:  # answered in _serve, as a failing service would be
+            service = cast("Service", _Unserviceable(exc))
+        coro: Coroutine[Any, Any, None] = self._serve(request, service)
+        if getattr(service, "answers_inline", False):
+            # A service that usually answers without waiting (C-ECHO) runs its first step
+            # here, in the data_received callback, instead of in a task of its own: the
+            # task and its trip through the event loop cost more than the answer. Should
+            # it wait after all (a full socket buffer: drain()), the rest goes on in a task.
+            try:
+                step = coro.send(None)
+            except StopIteration:
+                return
+            coro = _finish(_Resumed(coro, step))
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -362,9 +438,8 @@ class Association:
         """The service that handles requests on this context (acceptors override)."""
         return None
 
-    async def _serve(self, request: Request) -> None:
+    async def _serve(self, request: Request, service: Service | None) -> None:
         try:
-            service = self.service_for(request)
             if service is None:
                 await self.respond(request, status=STATUS_UNRECOGNIZED_OPERATION)
             else:
@@ -507,12 +582,18 @@ class Association:
         for request in self._in_flight.values():
             if request.dataset is not None:
                 request.dataset._fail(exc)
-            request.cancelled.set()
+            request.cancel()
 
     def _on_closed(self) -> None:
-        exc = AssociationAborted(self._end_reason or "connection closed")
-        self._fail_established(exc)
-        self._fail_pending(exc)
+        if (
+            not self.established.done()
+            or self._incoming is not None
+            or self._responses
+            or self._in_flight
+        ):  # someone waits: tell them why (a released association has no one waiting)
+            exc = AssociationAborted(self._end_reason or "connection closed")
+            self._fail_established(exc)
+            self._fail_pending(exc)
         self.on_closed()
 
     def on_closed(self) -> None:
@@ -526,6 +607,58 @@ class Association:
             "bytes_in": self.link.bytes_in if self.link else 0,
             "bytes_out": self.link.bytes_out if self.link else 0,
         }
+
+
+class _Resumed:
+    """The rest of a coroutine whose first step already ran outside any task (see
+    ``Association._on_command``), as an awaitable a task can drive.
+
+    ``step`` is what that first ``send(None)`` yielded: the future the coroutine waits on
+    (or None for a bare yield). The task gets it first, then this drives the coroutine on
+    exactly as ``await coroutine`` would (PEP 380): values sent and exceptions thrown in,
+    cancellation included, go to the coroutine."""
+
+    __slots__ = ("coro", "step")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], step: Any) -> None:
+        self.coro = coro
+        self.step = step
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coro, step = self.coro, self.step
+        while True:
+            try:
+                sent = yield step
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # cancellation too: it is the coroutine's to handle
+                try:
+                    step = coro.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    step = coro.send(sent)
+                except StopIteration:
+                    return
+
+
+async def _finish(resumed: _Resumed) -> None:
+    await resumed
+
+
+class _Unserviceable:
+    """Stands in when finding the service for a request failed (a bug): ``_serve`` logs it
+    and answers with a processing failure."""
+
+    name = "service_for"
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    async def handle(self, association: Association, request: Request) -> None:
+        raise self.exc
 
 
 class _HandlerService:
@@ -552,9 +685,11 @@ class RequestorAssociation(Association):
         self.accept: AssociationAccept | None = None
         self.store_handler: Callable[[Request], Any] | None = None
 
-    def connection_started(self, link: Link) -> None:
-        super().connection_started(link)
-        self.log = self.log.bind(dicom_calling_ae=self.calling_ae, dicom_called_ae=self.called_ae)
+    def _log_context(self) -> dict[str, Any]:
+        context = super()._log_context()
+        context["dicom_calling_ae"] = self.calling_ae
+        context["dicom_called_ae"] = self.called_ae
+        return context
 
     def on_associate_accepted(self, event: ev.AssociateAccepted) -> None:
         self.accept = parse_accept(event.accept, self._proposed)

@@ -152,7 +152,10 @@ class Logger:
 
     def is_enabled_for(self, level: str | int) -> bool:
         """Whether *level* would be emitted: guard for costly arguments (PDU hex dumps)."""
-        return _parse_level(level, self.name) >= self._threshold()
+        number = LEVELS.get(level) if type(level) is str else None  # the usual spelling
+        if number is None:
+            number = _parse_level(level, self.name)
+        return number >= self._threshold()
 
     def bind(self, **values: Any) -> Logger:
         return Logger(self.name, {**self._context, **values})

@@ -61,7 +61,6 @@ class Link(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
         self.peer: tuple[str, int] = ("", 0)
-        self.local: tuple[str, int] = ("", 0)
         self.tls_peer_certificate: dict | None = None
         self.bytes_in = 0
         self.bytes_out = 0
@@ -75,7 +74,12 @@ class Link(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._artim_deadline: float | None = None
-        self._watch_period = min(t for t in (idle_timeout, dimse_timeout, 3600.0) if t > 0)
+        watch = 3600.0  # the shortest positive timeout, at most an hour
+        if 0 < idle_timeout < watch:
+            watch = idle_timeout
+        if 0 < dimse_timeout < watch:
+            watch = dimse_timeout
+        self._watch_period = watch
         self._watch_due = 0.0
         self._last_activity = self.loop.time()
         self._paused_reading = False
@@ -92,11 +96,8 @@ class Link(asyncio.Protocol):
         # tests/test_transport.py checks that they still do.
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         peer = transport.get_extra_info("peername")
-        local = transport.get_extra_info("sockname")
         if isinstance(peer, tuple):
             self.peer = (str(peer[0]), int(peer[1]))
-        if isinstance(local, tuple):
-            self.local = (str(local[0]), int(local[1]))
         self.tls_peer_certificate = transport.get_extra_info("peercert")
         self.owner.connection_started(self)
         if transport.is_closing():
@@ -115,6 +116,13 @@ class Link(asyncio.Protocol):
             log.error("internal_error", peer=f"{self.peer[0]}:{self.peer[1]}", exc_info=True)
             if self.transport is not None:
                 self.transport.abort()
+
+    @property
+    def local(self) -> tuple[str, int]:
+        """Our address and port on this connection (asked of the socket when wanted: a
+        system call per connection that nothing on the usual path needs)."""
+        local = self.transport.get_extra_info("sockname") if self.transport else None
+        return (str(local[0]), int(local[1])) if isinstance(local, tuple) else ("", 0)
 
     def eof_received(self) -> bool | None:
         return False  # close our side too; connection_lost follows

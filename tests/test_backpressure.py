@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
 from typing import Any, ClassVar
 
 from dicomd import association as association_module
@@ -16,6 +17,7 @@ from dicomd.config import parse_config
 from dicomd.net import dimse
 from dicomd.services.base import Offer, Service, ServiceContext
 from dicomd.services.registry import Registry
+from dicomd.services.verification import VerificationService
 from dicomd.transport import Link
 
 SLOW_SOP_CLASS = "1.2.826.0.1.3680043.9.9999.1"  # a private test abstract syntax
@@ -111,3 +113,165 @@ def test_slow_consumer_pauses_reading(monkeypatch: Any) -> None:
     assert pauses, "the transport never paused reading"
     # Buffered data stays near the high-water mark, far below the 40 MiB sent.
     assert SlowSink.seen["peak"] < association_module.STREAM_HIGH_WATER + 2 * 1024 * 1024
+
+
+class SmallBufferLink(Link):
+    """A server link with tiny socket and transport buffers, so that a client that stops
+    reading makes it pause writing after a few hundred responses."""
+
+    paused: ClassVar[list[int]] = []
+
+    def connection_made(self, transport: Any) -> None:
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        transport.set_write_buffer_limits(high=4096)
+        super().connection_made(transport)
+
+    def pause_writing(self) -> None:
+        self.paused.append(1)
+        super().pause_writing()
+
+
+def test_echo_answered_inline_waits_for_a_full_socket_buffer() -> None:
+    """C-ECHO is answered inside the data_received callback (answers_inline); when the
+    peer stops reading and the server's writes pause, the answer waits in drain() and goes
+    on in a task. Every pipelined request still gets its response, in order."""
+    registry = Registry({"verification": VerificationService})
+    config = parse_config(
+        {
+            "listeners": [{"name": "dicom", "address": "127.0.0.1", "port": 11112}],
+            "local_aes": [{"ae_title": "ECHO", "services": {"verification": None}}],
+            "access": {"default": "allow"},
+        },
+        registry=registry,
+    )
+    ae = config.local_aes[0]
+    services = {
+        ae.ae_title: {
+            "verification": VerificationService(
+                VerificationService.Options(), ServiceContext(config, ae)
+            )
+        }
+    }
+    count = 2000
+
+    async def main() -> list[int]:
+        generation = Generation(config, services, Counters())
+
+        def factory() -> Link:
+            return SmallBufferLink(
+                AcceptorAssociation(generation, "dicom"),
+                requestor=False,
+                max_pdu_length=config.limits.max_pdu_length,
+                artim_timeout=30,
+                dimse_timeout=30,
+                idle_timeout=30,
+            )
+
+        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            assoc = await associate(
+                "127.0.0.1",
+                port,
+                calling_ae="PIPELINER",
+                called_ae="ECHO",
+                contexts=[(dimse.VERIFICATION, [EXPLICIT])],
+            )
+            sock = assoc.link.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            assoc.link.pause_reading()
+            context_id = assoc.context_for(dimse.VERIFICATION)
+
+            async def echo(message_id: int) -> tuple[int, int]:
+                fields = dimse.c_echo_rq(message_id)
+                async for response in assoc.request(context_id, fields, timeout=60):
+                    return message_id, response.status
+                return message_id, -1
+
+            tasks = [asyncio.create_task(echo(i)) for i in range(1, count + 1)]
+            for _ in range(1000):
+                if SmallBufferLink.paused:
+                    break
+                await asyncio.sleep(0.01)
+            assoc.link.resume_reading()
+            results = await asyncio.gather(*tasks)
+            await assoc.release()
+            assert [m for m, _ in results] == list(range(1, count + 1))
+            return [status for _, status in results]
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    statuses = asyncio.run(main())
+    assert SmallBufferLink.paused, "the server never paused writing: the test proves nothing"
+    assert statuses == [0] * count
+
+
+LATE_SOP_CLASS = "1.2.826.0.1.3680043.9.9999.2"  # a private test abstract syntax
+
+
+class LateEcho(Service):
+    """Declares answers_inline but waits before answering: its first step runs inside
+    data_received, the rest must go on in a task."""
+
+    name: ClassVar[str] = "lateecho"
+    permissions: ClassVar[tuple[str, ...]] = ("echo",)
+    answers_inline: ClassVar[bool] = True
+
+    def offers(self) -> list[Offer]:
+        return [Offer(LATE_SOP_CLASS, (EXPLICIT,))]
+
+    async def handle(self, association: Any, request: Any) -> None:
+        await asyncio.sleep(0.001)
+        await asyncio.sleep(0)  # a bare yield, as the task sees it
+        await association.respond(request, status=0x0000)
+
+
+def test_inline_service_that_waits_goes_on_in_a_task() -> None:
+    registry = Registry({"lateecho": LateEcho})
+    config = parse_config(
+        {
+            "listeners": [{"name": "dicom", "address": "127.0.0.1", "port": 11112}],
+            "local_aes": [{"ae_title": "LATE", "services": {"lateecho": None}}],
+            "access": {"default": "allow"},
+        },
+        registry=registry,
+    )
+    ae = config.local_aes[0]
+    services = {ae.ae_title: {"lateecho": LateEcho(LateEcho.Options(), ServiceContext(config, ae))}}
+
+    async def main() -> list[int]:
+        generation = Generation(config, services, Counters())
+
+        def factory() -> Link:
+            return Link(
+                AcceptorAssociation(generation, "dicom"),
+                requestor=False,
+                max_pdu_length=config.limits.max_pdu_length,
+                artim_timeout=30,
+            )
+
+        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            assoc = await associate(
+                "127.0.0.1",
+                port,
+                calling_ae="WAITER",
+                called_ae="LATE",
+                contexts=[(LATE_SOP_CLASS, [EXPLICIT])],
+            )
+            context_id = assoc.context_for(LATE_SOP_CLASS)
+            statuses = []
+            for message_id in (1, 2, 3):
+                fields = dimse.c_echo_rq(message_id, LATE_SOP_CLASS)
+                async for response in assoc.request(context_id, fields, timeout=10):
+                    statuses.append(response.status)
+            await assoc.release(timeout=10)
+            return statuses
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    assert asyncio.run(main()) == [0, 0, 0]

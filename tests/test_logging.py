@@ -442,3 +442,103 @@ def test_journal_unreachable_falls_back_to_prefixed_lines(tmp_path: Path) -> Non
     log.error("two\nlines")
     assert out.getvalue().splitlines() == ["<4>peer.slow seconds=3", "<3>two", "<3>lines"]
     sender.close()
+
+
+def test_association_lifecycle_lines_carry_the_dicom_fields() -> None:
+    """An association's logger is built lazily (Association.log): the lines of a real
+    association (ours as the requestor, over loopback) still carry every DICOM_* field
+    known at the time, the AE titles from the A-ASSOCIATE-RQ on."""
+    import asyncio
+
+    from dicomd.acceptor import AcceptorAssociation, Counters, Generation
+    from dicomd.association import associate
+    from dicomd.config import parse_config
+    from dicomd.services.base import ServiceContext
+    from dicomd.services.registry import Registry
+    from dicomd.services.verification import VerificationService
+    from dicomd.transport import Link
+
+    registry = Registry({"verification": VerificationService})
+    config = parse_config(
+        {
+            "listeners": [{"name": "dicom", "address": "127.0.0.1", "port": 11112}],
+            "local_aes": [{"ae_title": "LOGGED", "services": {"verification": None}}],
+            "access": {"default": "allow"},
+        },
+        registry=registry,
+    )
+    ae = config.local_aes[0]
+    services = {
+        "LOGGED": {
+            "verification": VerificationService(
+                VerificationService.Options(), ServiceContext(config, ae)
+            )
+        }
+    }
+
+    async def main() -> tuple[int, int, int]:
+        generation = Generation(config, services, Counters())
+        links: list[Link] = []
+
+        def factory() -> Link:
+            link = Link(
+                AcceptorAssociation(generation, "dicom"),
+                requestor=False,
+                max_pdu_length=16384,
+                artim_timeout=5,
+            )
+            links.append(link)
+            return link
+
+        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            for calling in ("FIRST", "SECOND"):
+                assoc = await associate(
+                    "127.0.0.1",
+                    port,
+                    calling_ae=calling,
+                    called_ae="LOGGED",
+                    contexts=[("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])],
+                )
+                assert await assoc.echo() == 0
+                await assoc.release()
+            with contextlib.suppress(Exception):  # a wrong called AE title: rejected
+                await associate(
+                    "127.0.0.1",
+                    port,
+                    calling_ae="THIRD",
+                    called_ae="NOBODY",
+                    contexts=[("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])],
+                )
+            for link in links:
+                await link.closed
+            return port, links[0].peer[1], links[1].peer[1]
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    reset_logging()
+    with capture_logs() as logs:
+        server_port, *ports = asyncio.run(main())
+    # The acceptor's lines (the requestor logs under the same name, with the server as peer).
+    served = [
+        e
+        for e in logs
+        if e.get("logger") == "dicomd.association"
+        and e.get("dicom_peer") != f"127.0.0.1:{server_port}"
+    ]
+    by_event = {(e["event"], e.get("dicom_calling_ae")): e for e in served}
+    for n, calling in enumerate(("FIRST", "SECOND")):
+        for event in ("association_accepted", "association_closed"):
+            entry = by_event[(event, calling)]
+            assert entry["dicom_called_ae"] == "LOGGED"
+            assert entry["dicom_listener"] == "dicom"
+            assert entry["dicom_peer"] == f"127.0.0.1:{ports[n]}"
+            assert isinstance(entry["dicom_assoc_id"], int)
+    assert (
+        by_event[("association_accepted", "FIRST")]["dicom_assoc_id"]
+        != by_event[("association_accepted", "SECOND")]["dicom_assoc_id"]
+    )
+    rejected = by_event[("association_rejected", "THIRD")]
+    assert rejected["dicom_called_ae"] == "NOBODY" and rejected["dicom_listener"] == "dicom"

@@ -279,6 +279,13 @@ _UL_ELEMENT = struct.Struct("<HHII")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 
+# The elements every command set is made of, for the fast paths of encode_command and
+# decode_command (a C-ECHO's or C-STORE's command set holds nothing else): US elements
+# (an int value is one US whether or not the element may hold several) and UIDs.
+_US_TAGS: Final = frozenset(t for t, e in COMMAND_ELEMENTS.items() if e.vr == "US")
+_US_SINGLE_TAGS: Final = frozenset(t for t in _US_TAGS if not COMMAND_ELEMENTS[t].multi)
+_UI_TAGS: Final = frozenset(t for t, e in COMMAND_ELEMENTS.items() if e.vr == "UI")
+
 
 class DimseError(ValueError):
     """A command set that cannot be decoded, or a message that cannot be assembled.
@@ -379,7 +386,16 @@ def encode_command(fields: Mapping[int, object]) -> bytes:
         value = fields[tag]
         if tag == 0x0000 or value is None:
             continue
-        parts.append(_encode_element(tag, value))
+        kind = type(value)
+        if kind is int and tag in _US_TAGS and 0 <= value <= 0xFFFF:
+            parts.append(_US_ELEMENT.pack(0, tag, 2, value))
+        elif kind is str and tag in _UI_TAGS and value.isascii():
+            raw = value.encode()
+            if len(raw) & 1:
+                raw += b"\x00"  # UIDs are padded with NUL (PS3.5 9.1)
+            parts.append(_HEADER.pack(0, tag, len(raw)) + raw)
+        else:
+            parts.append(_encode_element(tag, value))
     body = b"".join(parts)
     return _UL_ELEMENT.pack(0, 0x0000, 4, len(body)) + body
 
@@ -445,7 +461,12 @@ def decode_command(data: bytes | memoryview) -> Command:
             )
         if tag in fields:
             raise DimseError(f"(0000,{tag:04X}) occurs twice (PS3.7 6.3.1: at most once)")
-        fields[tag] = _decode_value(tag, data, offset, length)
+        if length == 2 and tag in _US_SINGLE_TAGS:
+            fields[tag] = _U16.unpack_from(data, offset)[0]
+        elif tag in _UI_TAGS:
+            fields[tag] = str(data[offset : offset + length], "latin-1").rstrip(" \x00")
+        else:
+            fields[tag] = _decode_value(tag, data, offset, length)
         offset += length
     fields.pop(0x0000, None)
     if not isinstance(fields.get(0x0100), int):
@@ -664,21 +685,30 @@ def response_for(
     defaults, e.g. ``number_of_remaining_suboperations=3``, ``error_comment="..."``, or
     ``affected_sop_instance_uid=None`` to leave it out.
     """
-    cf = request.command_field
-    if cf is None or cf & RESPONSE_BIT:
+    # The request's fields are read directly, as the Command properties would (int or
+    # str, else None): this runs once per request, C-ECHO included.
+    get = request.fields.get
+    cf = get(0x0100)
+    if not isinstance(cf, int) or cf & RESPONSE_BIT:
         raise ValueError(f"{request.name} is not a request")
     if cf == C_CANCEL_RQ:
         raise ValueError("C-CANCEL-RQ has no response (PS3.7 9.3.2.3)")
+    message_id = get(0x0110)
     fields: dict[int, object] = {
-        0x0002: request.affected_sop_class_uid or request.requested_sop_class_uid,
+        0x0002: _str_or_none(get(0x0002)) or _str_or_none(get(0x0003)),
         0x0100: cf | RESPONSE_BIT,
-        0x0120: request.message_id,
+        0x0120: message_id if isinstance(message_id, int) else None,
         0x0800: DATASET_PRESENT if has_dataset else NO_DATASET,
         0x0900: status,
-        0x1000: request.affected_sop_instance_uid or request.requested_sop_instance_uid,
+        0x1000: _str_or_none(get(0x1000)) or _str_or_none(get(0x1001)),
     }
-    fields.update(fields_from_keywords(**extra_fields))
+    if extra_fields:
+        fields.update(fields_from_keywords(**extra_fields))
     return fields
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 # --- Receive side: message assembly -----------------------------------------------------

@@ -110,6 +110,11 @@ class State(enum.Enum):
     )
     Sta13 = "Awaiting Transport Connection Close Indication (Association no longer exists)"
 
+    # Members are singletons compared by identity, so identity is a valid hash. Enum's own
+    # __hash__ is a Python function (hash of the name); every state change and every
+    # ``is_established`` check hashes a state, ~15 times per association.
+    __hash__ = object.__hash__
+
 
 class Evt(enum.IntEnum):
     """Machine events, PS3.8 table 9-10 (descriptions in ``EVENTS``)."""
@@ -213,7 +218,10 @@ TRANSITIONS: dict[tuple[Evt, State], str] = _parse_table(_TABLE_9_10)
 
 # Module-level aliases: a global load is cheaper than an enum attribute on the hot path.
 _S1, _S2, _S3, _S4, _S5, _S6, _S7, _S8, _S9, _S10, _S11, _S12, _S13 = State
-_EVT9, _EVT19 = Evt.Evt9, Evt.Evt19
+(_EVT1, _EVT2, _EVT5, _EVT7, _EVT8, _EVT9, _EVT11, _EVT14, _EVT15, _EVT17, _EVT18, _EVT19) = (
+    Evt.Evt1, Evt.Evt2, Evt.Evt5, Evt.Evt7, Evt.Evt8, Evt.Evt9, Evt.Evt11, Evt.Evt14,
+    Evt.Evt15, Evt.Evt17, Evt.Evt18, Evt.Evt19,
+)  # fmt: skip
 
 _ESTABLISHED = frozenset((_S6, _S7, _S8, _S9, _S10, _S11, _S12))
 _ABORTABLE = frozenset((_S3, _S4, _S5)) | _ESTABLISHED
@@ -251,6 +259,7 @@ class UpperLayer:
         "_actions",
         "_events",
         "_framer",
+        "_framer_used",
         "_out",
         "_pdu_actions",
         "_pending_rq",
@@ -272,13 +281,13 @@ class UpperLayer:
         self.max_pdu_length = max_pdu_length
         self.max_association_pdu_length = max_association_pdu_length
         self._framer = PduFramer(max_pdu_length, max_association_pdu_length)
+        self._framer_used = False
         self._out: list[bytes | memoryview] = []
         self._events: list[Event] = []
         self._pending_rq: bytes | None = None
         self._rx_dead = False
         self._state = _S1
-        self._actions = _LOCAL_DISPATCH[_S1]
-        self._pdu_actions = _PDU_DISPATCH[_S1]
+        self._actions, self._pdu_actions = _DISPATCH[_S1]
 
     # --- state ----------------------------------------------------------------------
 
@@ -328,8 +337,7 @@ class UpperLayer:
 
     def _goto(self, state: State) -> None:
         self._state = state
-        self._actions = _LOCAL_DISPATCH[state]
-        self._pdu_actions = _PDU_DISPATCH[state]
+        self._actions, self._pdu_actions = _DISPATCH[state]
 
     def _send(self, data: bytes | memoryview) -> None:
         self._out.append(data)
@@ -362,7 +370,7 @@ class UpperLayer:
     def connection_made(self) -> list[Event]:
         """Transport connection open: Evt2 (requestor, AE-2: send the A-ASSOCIATE-RQ)
         or Evt5 (acceptor, AE-5: start ARTIM)."""
-        return self._local(Evt.Evt2 if self._requestor else Evt.Evt5)
+        return self._local(_EVT2 if self._requestor else _EVT5)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Bytes from the peer. Runs Evt3/4/6/10/12/13/16 per whole PDU, Evt19 for an
@@ -400,14 +408,14 @@ class UpperLayer:
         """Evt17. In Sta1 (the close we asked for, or no connection) nothing happens."""
         if self._state is _S1:
             return []
-        return self._local(Evt.Evt17)
+        return self._local(_EVT17)
 
     def artim_expired(self) -> list[Event]:
         """Evt18 (Sta2, Sta13). A timer firing in Sta1 lost a race with the close and is
         ignored; elsewhere no ARTIM timer should be running, so it is the caller's bug."""
         if self._state is _S1:
             return []
-        return self._local(Evt.Evt18)
+        return self._local(_EVT18)
 
     # --- local service primitives ---------------------------------------------------
 
@@ -416,15 +424,15 @@ class UpperLayer:
         calls ``connection_made()`` (or ``connection_lost()`` if that fails)."""
         if not self._requestor:
             raise LocalProtocolError("associate_request() on an acceptor")
-        return self._local(Evt.Evt1, rq)
+        return self._local(_EVT1, rq)
 
     def associate_accept(self, ac: A_ASSOCIATE_AC) -> list[Event]:
         """Evt7 (Sta3): AE-7, send the A-ASSOCIATE-AC."""
-        return self._local(Evt.Evt7, ac)
+        return self._local(_EVT7, ac)
 
     def associate_reject(self, rj: A_ASSOCIATE_RJ) -> list[Event]:
         """Evt8 (Sta3): AE-8, send the A-ASSOCIATE-RJ and start ARTIM."""
-        return self._local(Evt.Evt8, rj)
+        return self._local(_EVT8, rj)
 
     def send_data(self, chunks: Iterable[bytes | memoryview]) -> list[Event]:
         """Evt9: queue already encoded, complete P-DATA-TF PDUs (DT-1 in Sta6, AR-7 in
@@ -436,11 +444,11 @@ class UpperLayer:
 
     def release_request(self) -> list[Event]:
         """Evt11 (Sta6): AR-1, send A-RELEASE-RQ."""
-        return self._local(Evt.Evt11)
+        return self._local(_EVT11)
 
     def release_response(self) -> list[Event]:
         """Evt14: AR-4 (Sta8, Sta12) or AR-9 (Sta9, requestor side of a collision)."""
-        return self._local(Evt.Evt14)
+        return self._local(_EVT14)
 
     def abort(self, reason: int = 0) -> list[Event]:
         """Evt15, A-ABORT request: AA-1 (Sta3, Sta5..Sta12) or AA-2 (Sta4).
@@ -454,7 +462,7 @@ class UpperLayer:
         """
         if reason not in (0, 1, 2, 4, 5, 6):
             raise ValueError(f"A-ABORT reason {reason} is not defined in PS3.8 table 9-26")
-        return self._local(Evt.Evt15, reason)
+        return self._local(_EVT15, reason)
 
     # --- actions, PS3.8 tables 9-6 to 9-9 -------------------------------------------
     # Each takes the event's argument: a received PDU (memoryview), a PduError (Evt19),
@@ -675,9 +683,12 @@ class UpperLayer:
         self._goto(_S1)
 
     def _reset_connection(self) -> None:
-        """A new transport connection: fresh framing (a machine may be reused after
-        Sta1, as PS3.8 allows Evt1/Evt5 there)."""
-        self._framer = PduFramer(self.max_pdu_length, self.max_association_pdu_length)
+        """A new transport connection: fresh framing. The framer made with the machine
+        serves its first connection; a machine reused after Sta1 (PS3.8 allows Evt1/Evt5
+        there) gets a new one."""
+        if self._framer_used:
+            self._framer = PduFramer(self.max_pdu_length, self.max_association_pdu_length)
+        self._framer_used = True
         self._rx_dead = False
 
 
@@ -727,7 +738,7 @@ ACTIONS: dict[str, tuple[str, _Action]] = {
 }  # fmt: skip
 
 # Per-state dispatch compiled from TRANSITIONS: the machine swaps these two dicts on each
-# state change, so an event costs one dict lookup.
+# state change (one lookup in _DISPATCH), so an event costs one dict lookup.
 _LOCAL_DISPATCH: dict[State, dict[Evt, _Action]] = {s: {} for s in State}
 _PDU_DISPATCH: dict[State, dict[int, _Action]] = {s: {} for s in State}
 for (_evt, _state), _name in TRANSITIONS.items():
@@ -736,4 +747,7 @@ for _type, _evt in PDU_EVENTS.items():
     for _state in State:
         if (_evt, _state) in TRANSITIONS:
             _PDU_DISPATCH[_state][_type] = ACTIONS[TRANSITIONS[(_evt, _state)]][1]
+_DISPATCH: dict[State, tuple[dict[Evt, _Action], dict[int, _Action]]] = {
+    s: (_LOCAL_DISPATCH[s], _PDU_DISPATCH[s]) for s in State
+}
 del _evt, _state, _name, _type
