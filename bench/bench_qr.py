@@ -1148,6 +1148,7 @@ def run_small(args: argparse.Namespace, work: Path, servers_wanted: list[str]) -
             sets = query_sets(SMALL)
             out["find"] = asyncio.run(run_finds(servers, sets, args.rounds, args.queries, "small"))
         if not args.skip_retrieve:
+            ops = set(args.ops.split(","))
             results: list[Retrieve] = []
             get_dir = run / "getscu"
             get_dir.mkdir()
@@ -1155,10 +1156,13 @@ def run_small(args: argparse.Namespace, work: Path, servers_wanted: list[str]) -
                 order = servers if rnd % 2 == 0 else servers[::-1]
                 for s in order:
                     for mode in ("write", "ignore"):
-                        r = asyncio.run(one_move(s, dest_dir, rnd, mode))
-                        g = one_get(s, get_dir, log_cfg, rnd, mode)
-                        results += [r, g]
-                        for x in (r, g):
+                        done: list[Retrieve] = []
+                        if "move" in ops:
+                            done.append(asyncio.run(one_move(s, dest_dir, rnd, mode)))
+                        if "get" in ops:
+                            done.append(one_get(s, get_dir, log_cfg, rnd, mode))
+                        results += done
+                        for x in done:
                             print(
                                 f"  retrieve round {rnd or 'warm-up'} C-{x.op.upper()} {mode:<6} "
                                 f"{s.name:<8} "
@@ -1209,6 +1213,9 @@ def main() -> None:
     parser.add_argument("--big-only", action="store_true")
     parser.add_argument("--skip-find", action="store_true")
     parser.add_argument("--skip-retrieve", action="store_true")
+    parser.add_argument(
+        "--ops", default="move,get", help="retrieve operations, comma-separated: move, get"
+    )
     parser.add_argument("--quick", action="store_true", help="1 round, 10 queries, 100 k index")
     parser.add_argument("--keep", action="store_true", help="keep the run directory")
     parser.add_argument("--json", type=Path, help="also write every sample here")

@@ -485,6 +485,28 @@ class Association:
         self.messages_out += 1
         await self.link.drain()
 
+    async def send_image(
+        self, context_id: int, fields: dict[int, Any], image: tuple[bytearray, int]
+    ) -> None:
+        """Send a message whose data-set PDUs are already laid out in a buffer after some
+        spare bytes (``dimse.pdata_image``, for this association's peer maximum PDU
+        length and ``context_id``): the command PDU is written into the spare bytes when it
+        fits, so the message is one contiguous write that no one copies."""
+        if not self.link.upper.is_established:
+            raise AssociationAborted(self._end_reason or "association is not established")
+        buf, head_room = image
+        command = dimse.encode_command(fields)
+        first = dimse.fragment_message(context_id, command, None, self.peer_max_pdu_length)
+        if len(first) == 1 and len(first[0]) <= head_room:
+            start = head_room - len(first[0])
+            buf[start:head_room] = first[0]
+            chunks: list[bytes | memoryview] = [memoryview(buf)[start:]]
+        else:
+            chunks = [*first, memoryview(buf)[head_room:]]
+        self.link.send_data(chunks)
+        self.messages_out += 1
+        await self.link.drain()
+
     async def respond(
         self,
         request: Request,
@@ -530,13 +552,19 @@ class Association:
         dataset: bytes | memoryview | None = None,
         *,
         timeout: float | None = None,
+        image: tuple[bytearray, int] | None = None,
     ) -> AsyncIterator[Response]:
-        """Send a request and yield its responses (pending ones, then the final one)."""
+        """Send a request and yield its responses (pending ones, then the final one).
+
+        ``image``: the data set as laid-out PDUs instead of ``dataset`` (``send_image``)."""
         message_id = int(fields[dimse.TAG_BY_KEYWORD["message_id"]])
         queue: asyncio.Queue[Response | BaseException] = asyncio.Queue()
         self._responses[message_id] = queue
         try:
-            await self.send_message(context_id, fields, dataset)
+            if image is not None:
+                await self.send_image(context_id, fields, image)
+            else:
+                await self.send_message(context_id, fields, dataset)
             while True:
                 # Responses that already arrived are taken without a timer: wait_for costs
                 # a task per call, which dominated queries with many matches.

@@ -224,7 +224,12 @@ class Link(asyncio.Protocol):
         chunks = self.upper.data_to_send()
         if chunks and self.transport is not None and not self.transport.is_closing():
             self.bytes_out += sum(map(len, chunks))
-            self.transport.writelines(chunks)
+            if len(chunks) == 1:
+                # writelines() joins its chunks into a new bytes object (Python 3.11):
+                # a single (large, pre-assembled) chunk is written as it is, uncopied.
+                self.transport.write(chunks[0])
+            else:
+                self.transport.writelines(chunks)
 
     # ARTIM and the idle/DIMSE watch share one timer handle. A connection starts ARTIM
     # (connect → A-ASSOCIATE-RQ), stops it, starts it again at release and stops it at the

@@ -62,6 +62,7 @@ from dicomd.net.dimse import (
     fields_from_keywords,
     fragment_message,
     fragment_stream,
+    pdata_image,
     response_for,
 )
 from dicomd.net.events import (
@@ -825,6 +826,27 @@ def test_fragment_message_odd_limit_keeps_fragments_even() -> None:
     assert pdvs and all(len(p.data) == 4088 or p.is_last for p in pdvs)
     pdvs = check_fragments(fragment_message(1, ECHO, bytes(101), 57), 57, bytes(101))
     assert {len(p.data) for p in pdvs if not p.is_last} == {50}
+
+
+@pytest.mark.parametrize("max_pdu", [4096, 4095, 16384, 8, 0])
+@pytest.mark.parametrize("size", [0, 1, 2, 4089, 4090, 4091, 3 * 4090, 3 * 4090 + 7, 100_001])
+def test_pdata_image_is_fragment_message_laid_out(max_pdu: int, size: int) -> None:
+    """The data-set PDUs of pdata_image, once its slots are filled, are byte for byte the
+    ones fragment_message makes; the head room is left for the command PDU."""
+    if max_pdu == 8 and size > 5000:
+        size = 5000  # 2 bytes per PDV: keep the test quick
+    dataset = bytes(i * 7 % 256 for i in range(size))
+    buf, slots = pdata_image(3, size, max_pdu, 100)
+    pos = 0
+    for slot in slots:
+        slot[:] = dataset[pos : pos + len(slot)]
+        pos += len(slot)
+    assert pos == size
+    command = fragment_message(3, STORE, None, max_pdu)  # several PDUs when max_pdu is 8
+    data_chunks = fragment_message(3, STORE, dataset, max_pdu)[len(command) :]
+    assert bytes(buf[100:]) == b"".join(bytes(c) for c in data_chunks)
+    assert bytes(buf[:100]) == bytes(100)
+    check_fragments([*command, buf[100:]], max_pdu, dataset)
 
 
 def test_fragment_message_errors() -> None:

@@ -959,3 +959,29 @@ def fragment_stream(
     out: list[bytes | memoryview] = []
     _append_fragments(out, context_id, is_command, data, size, is_final_part)
     return out
+
+
+def pdata_image(
+    context_id: int, length: int, max_pdu_length: int, head_room: int
+) -> tuple[bytearray, list[memoryview]]:
+    """One buffer laid out as the data-set P-DATA-TF PDUs of a ``length``-byte data set,
+    headers filled in, plus writable views of the fragment slots to read the data into.
+
+    The buffer starts with ``head_room`` spare bytes so that the message's command PDU can
+    be put in front of the data-set PDUs later (``Association.send_image``): the whole
+    message is then one contiguous write, where fragment views would be joined (copied)
+    by ``writelines()`` first. Fragments are split as ``fragment_message`` splits them.
+    """
+    size = _fragment_size(max_pdu_length)
+    count = max(1, -(-length // size))
+    buf = bytearray(head_room + length + 12 * count)
+    view = memoryview(buf)
+    slots: list[memoryview] = []
+    pos = head_room
+    for i in range(count):
+        n = min(size, length - i * size)
+        buf[pos : pos + 12] = pdata_header(context_id, False, i == count - 1, n)
+        pos += 12
+        slots.append(view[pos : pos + n])
+        pos += n
+    return buf, slots

@@ -481,7 +481,7 @@ class QueryRetrieveService(Service):
             if cx.scp_role
         }
         root = self.archive.root
-        reader = ReadAhead(root, contexts)
+        reader = ReadAhead(root, contexts, association.peer_max_pdu_length)
 
         async def store(inst: qsql.StoredInstance) -> int | None:
             try:
