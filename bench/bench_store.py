@@ -22,9 +22,16 @@ end), MB/s of Part-10 files sent, server CPU ms per instance (utime+stime of the
 its reaped children, /proc/PID/stat), server peak RSS (VmHWM of the main process), and
 failures (instances not acknowledged, from storescu's exit status and stored counts).
 
-``--prefill`` measures dicomd's ingest of the small set (1 association, ``none``) with 0,
-100,000 and 1,000,000 synthetic instance rows already in the index (inserted directly into
-its SQLite database; their header column is empty).
+With several associations, dicomd also runs with 2 worker processes (``workers: 2``,
+servers ``dicomd-none-w2`` and ``dicomd-full-w2``; ``--multi``). dicomd's CPU and RSS add up
+its worker processes.
+
+``--prefill`` measures dicomd's ingest of the small set (1 association, ``none`` and
+``full``: ``--prefill-servers``) with 0, 100,000 and 1,000,000 synthetic instance rows
+already in the index (inserted directly into its SQLite database; their header column is
+empty).
+
+Every run's archive stays on disk until the end of the benchmark (see ``main``).
 
 Every server runs in its own session and is stopped (SIGTERM, then SIGKILL) at the end of
 its run and on exit. The work directory defaults to /var/tmp/dicomd-bench-store.
@@ -103,17 +110,42 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -
     raise TimeoutError(f"nothing listens on {port}")
 
 
+def _children(pid: int) -> list[int]:
+    """Live descendants of ``pid`` (dicomd's worker processes)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                parents[int(entry.name)] = int(fields[1])
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        kids = [p for p, pp in parents.items() if pp == parent]
+        out += kids
+        todo += kids
+    return out
+
+
 def proc_cpu(pid: int) -> float:
-    """utime+stime+cutime+cstime of a process in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(fields[i]) for i in (11, 12, 13, 14)) / CLK_TCK
+    """utime+stime+cutime+cstime of a process and its live descendants, in seconds."""
+    total = 0.0
+    for p in [pid, *_children(pid)]:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(fields[i]) for i in (11, 12, 13, 14)) / CLK_TCK
+    return total
 
 
 def proc_hwm_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
+    """Peak RSS (VmHWM) of a process plus that of its live descendants."""
+    total = 0
+    for p in [pid, *_children(pid)]:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+    return total
 
 
 # --- data sets -------------------------------------------------------------------------------
@@ -223,8 +255,9 @@ def build_server(kind: str, run_dir: Path, assocs: int) -> Server:
     store.mkdir()
     port = free_port()
     if kind.startswith("dicomd"):
-        durability = kind.split("-", 1)[1]
-        config = {
+        # dicomd-<durability>[-w<workers>]
+        durability, _, workers = kind.split("-", 1)[1].partition("-w")
+        config: dict[str, Any] = {
             "run_as": {"allow_root": True},
             "shutdown_timeout": 5,
             "logging": {"level": "warning", "format": "json"},
@@ -237,6 +270,8 @@ def build_server(kind: str, run_dir: Path, assocs: int) -> Server:
             },
             "access": {"default": "allow"},
         }
+        if workers:
+            config["workers"] = int(workers)
         (run_dir / "dicomd.yaml").write_text(yaml.safe_dump(config))
         cmd = [PYTHON, "-m", "dicomd", "run", "--config", str(run_dir / "dicomd.yaml")]
         return Server(kind, "DICOMD", cmd, store, env={"PYTHONPATH": str(ROOT)}, port=port)
@@ -299,6 +334,27 @@ class Result:
     note: str = ""
 
 
+def release_page_cache(run_dir: Path) -> None:
+    """Write a finished run's files back and drop them from the page cache.
+
+    On this VM a page the guest has not used lately costs the host a fault when the page
+    cache takes it (writing 526 KiB into a new file: 0.2 ms of system time with pages a
+    process just freed, 1-2 ms without), so a server's CPU per CT instance doubled from the
+    first run of a round to the last as the cache grew. Handing every run the pages the
+    previous one used (the same amount for every server: they all store the same data)
+    keeps that out of the comparison; the files themselves stay (see ``main``).
+    """
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            with contextlib.suppress(OSError):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+
 def stored_count(server: Server, run_dir: Path) -> int:
     if server.name.startswith("dicomd"):
         db = run_dir / "index.sqlite"
@@ -358,7 +414,7 @@ def run_once(kind: str, dataset: str, files: list[Path], assocs: int, work: Path
         lines = [ln for ln in first.splitlines() if "E:" in ln or "F:" in ln][:2]
         note = f"storescu exit {codes}: {' | '.join(lines)[:160]}"
     size = sum(p.stat().st_size for p in files)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    release_page_cache(run_dir)
     return Result(
         kind,
         dataset,
@@ -439,7 +495,9 @@ def prefill(db: Path, n: int) -> None:
     conn.close()
 
 
-def run_prefilled(files: list[Path], work: Path, n: int, rounds: int) -> list[Result]:
+def run_prefilled(
+    files: list[Path], work: Path, n: int, rounds: int, kind: str = "dicomd-none"
+) -> list[Result]:
     base = work / f"prefill-{n}.sqlite"
     if not base.exists():
         t = time.perf_counter()
@@ -448,7 +506,7 @@ def run_prefilled(files: list[Path], work: Path, n: int, rounds: int) -> list[Re
     out = []
     for _ in range(rounds):
         run_dir = work / "runs" / f"prefill-{n}-{time.monotonic_ns()}"
-        server = build_server("dicomd-none", run_dir, 1)
+        server = build_server(kind, run_dir, 1)
         shutil.copy(base, run_dir / "index.sqlite")
         server.store_dir.rmdir()
         server.store_dir.mkdir()
@@ -488,7 +546,7 @@ def _run_server(server: Server, run_dir: Path, files: list[Path], label: str) ->
     finally:
         server.stop()
     size = sum(p.stat().st_size for p in files)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    release_page_cache(run_dir)
     return Result(
         server.name,
         label,
@@ -560,44 +618,79 @@ def main() -> None:
         default="dicomd-none,dicomd-full,storescp,dcmqrscp,pynetdicom,orthanc",
         help="servers, comma-separated",
     )
+    parser.add_argument(
+        "--multi",
+        default="dicomd-none-w2,dicomd-full-w2",
+        help="servers added to the runs with several associations (dicomd with 2 worker "
+        "processes: workers: 2); '' for none",
+    )
     parser.add_argument("--prefill", default="0,100000,1000000", help="rows; '' to skip")
     parser.add_argument("--prefill-only", action="store_true")
+    parser.add_argument(
+        "--prefill-servers",
+        default="dicomd-none,dicomd-full",
+        help="dicomd variants measured at the pre-filled indexes",
+    )
     parser.add_argument("--json", type=Path, help="also write every run here")
     args = parser.parse_args()
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
-    (work / "runs").mkdir(exist_ok=True)
+    # Every run's files stay until the end: this VM's ext4 has no journal, and there a file
+    # created soon after many were deleted pays for skipping each recently deleted inode
+    # (ext4 recently_deleted(): 0.2-0.6 ms per create instead of 15 us), so deleting one
+    # server's archive right before the next server runs would charge that server for it.
+    shutil.rmtree(work / "runs", ignore_errors=True)
+    (work / "runs").mkdir()
     (work / "store.cfg").write_text(PROFILE)
     sets = make_sets(work)
     servers = [s for s in args.only.split(",") if s]
+    args.multi = [s for s in args.multi.split(",") if s]
     if "orthanc" in servers and shutil.which("Orthanc") is None:
         print("Orthanc is not installed: left out", flush=True)
         servers.remove("orthanc")
     results: list[Result] = []
     print(f"load average at start: {loadavg()}", flush=True)
-    with cleanup_on_signal():
-        if not args.prefill_only:
-            for rnd in range(args.rounds):
-                for ds in args.sets.split(","):
-                    for n in (int(x) for x in args.assocs.split(",")):
-                        order = servers if rnd % 2 == 0 else servers[::-1]
-                        for kind in order:
-                            r = run_once(kind, ds, sets[ds], n, work)
-                            results.append(r)
-                            print(
-                                f"round {rnd + 1} {ds}x{n} {kind}: {r.inst_per_s:.0f} inst/s "
-                                f"{r.cpu_ms:.2f} ms cpu {r.rss_mib:.0f} MiB failed {r.failed} "
-                                f"{r.note} (load {loadavg()})",
-                                flush=True,
-                            )
-        for n in (int(x) for x in args.prefill.split(",") if x):
-            for r in run_prefilled(sets["small"], work, n, args.rounds):
-                results.append(r)
-                print(f"prefill {n:,}: {r.inst_per_s:.0f} inst/s (load {loadavg()})", flush=True)
+    try:
+        with cleanup_on_signal():
+            run_all(args, servers, sets, work, results)
+    finally:
+        shutil.rmtree(work / "runs", ignore_errors=True)
     print(f"load average at end: {loadavg()}\n", flush=True)
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in results], indent=1))
+
+
+def run_all(
+    args: argparse.Namespace,
+    servers: list[str],
+    sets: dict[str, list[Path]],
+    work: Path,
+    results: list[Result],
+) -> None:
+    if not args.prefill_only:
+        for rnd in range(args.rounds):
+            for ds in args.sets.split(","):
+                for n in (int(x) for x in args.assocs.split(",")):
+                    these = servers + (args.multi if n > 1 else [])
+                    order = these if rnd % 2 == 0 else these[::-1]
+                    for kind in order:
+                        r = run_once(kind, ds, sets[ds], n, work)
+                        results.append(r)
+                        print(
+                            f"round {rnd + 1} {ds}x{n} {kind}: {r.inst_per_s:.0f} inst/s "
+                            f"{r.cpu_ms:.2f} ms cpu {r.rss_mib:.0f} MiB failed {r.failed} "
+                            f"{r.note} (load {loadavg()})",
+                            flush=True,
+                        )
+    for n in (int(x) for x in args.prefill.split(",") if x):
+        for kind in args.prefill_servers.split(","):
+            for r in run_prefilled(sets["small"], work, n, args.rounds, kind):
+                results.append(r)
+                print(
+                    f"prefill {n:,} {kind}: {r.inst_per_s:.0f} inst/s (load {loadavg()})",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

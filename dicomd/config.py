@@ -581,6 +581,8 @@ class Access(_Model):
 
 class Config(_Model):
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    # Worker processes serving the listeners (dicomd.workers); auto: one per CPU.
+    workers: Literal["auto"] | Annotated[Int, Field(ge=1, le=64)] = 1
     shutdown_timeout: Annotated[Float, Field(gt=0)] = 30.0
     run_as: RunAs = Field(default_factory=RunAs)
     logging: Logging = Field(default_factory=Logging)

@@ -113,6 +113,9 @@ def bind_listener(listener: Listener) -> socket.socket:
 
 
 class Supervisor:
+    # Worker processes (dicomd.workers) count associations across processes.
+    association_class: type[AcceptorAssociation] = AcceptorAssociation
+
     def __init__(self, loaded: LoadedConfig, config_path: Path | None) -> None:
         self.loaded = loaded
         self.config_path = config_path
@@ -211,6 +214,20 @@ class Supervisor:
             log.warning("service_plugin_unavailable", problem=problem)
         self._prepare_storage_dirs(config)
         self.generation = self._new_generation(config)
+        await self._serve_listeners()
+        loop = asyncio.get_running_loop()
+        for sig, handler in (
+            (signal.SIGHUP, self._on_sighup),
+            (signal.SIGTERM, self.stopping.set),
+            (signal.SIGINT, self.stopping.set),
+        ):
+            loop.add_signal_handler(sig, handler)
+        interval = sd_notify.watchdog_interval()
+        if interval is not None:
+            self._spawn(sd_notify.watchdog_loop(self.notifier, interval))
+        self.notifier.ready(self._status_line())
+
+    async def _serve_listeners(self) -> None:
         loop = asyncio.get_running_loop()
         for bound in self.listeners:
             # TLS is not create_server(ssl=...): TlsAcceptor checks the address first, uses
@@ -224,16 +241,6 @@ class Supervisor:
                 tls=bound.ssl is not None,
                 socket_activation=bound.inherited,
             )
-        for sig, handler in (
-            (signal.SIGHUP, self._on_sighup),
-            (signal.SIGTERM, self.stopping.set),
-            (signal.SIGINT, self.stopping.set),
-        ):
-            loop.add_signal_handler(sig, handler)
-        interval = sd_notify.watchdog_interval()
-        if interval is not None:
-            self._spawn(sd_notify.watchdog_loop(self.notifier, interval))
-        self.notifier.ready(self._status_line())
 
     def _status_line(self) -> str:
         aes = ", ".join(ae.ae_title for ae in self.loaded.config.local_aes)
@@ -298,7 +305,7 @@ class Supervisor:
 
     def _new_link(self, generation: Generation, listener: str, elapsed: float) -> Link:
         limits = generation.config.limits
-        assoc = AcceptorAssociation(generation, listener)
+        assoc = self.association_class(generation, listener)
         link = Link(
             assoc,
             requestor=False,
@@ -467,6 +474,13 @@ class Supervisor:
         await asyncio.gather(*all_tasks, return_exceptions=True)
         for task in list(self._background):
             task.cancel()
+        # Shared resources that flush on the way out (the archive commits its queue and
+        # checkpoints its journal), off the event loop.
+        for close in self.shared.get("on_shutdown", []):
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, close)
+            except Exception as exc:
+                log.error("shutdown_hook_failed", error=repr(exc))
         log.info("stopped")
 
 
@@ -497,6 +511,10 @@ def choose_event_loop(setting: str) -> str:
 
 
 def run(loaded: LoadedConfig, config_path: Path | None) -> int:
+    from dicomd.workers import run_workers, worker_count
+
+    if worker_count(loaded.config.workers) > 1:
+        return run_workers(loaded, config_path)
     loop_name = choose_event_loop(loaded.config.event_loop)
 
     async def main() -> int:

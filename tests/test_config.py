@@ -112,7 +112,7 @@ BAD_CONFIGS: dict[str, tuple[str, list[str]]] = {
         [
             "{f}:8:1: unknown key 'listner' (did you mean 'listeners'? "
             "expected one of: access, archive, event_loop, limits, listeners, local_aes, "
-            "logging, peers, run_as, shutdown_timeout, worklist_sources)"
+            "logging, peers, run_as, shutdown_timeout, workers, worklist_sources)"
         ],
     ),
     "unknown key, nested": (

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -478,12 +479,110 @@ async def test_disk_full_answers_a700_and_keeps_the_archive_whole(
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+# --- durability none, the journal -----------------------------------------------------------
+
+
+def wait_indexed(db: Path, count: int, timeout: float = 15.0) -> None:
+    """Under ``durability: none`` the index follows the answers by a few milliseconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if db.exists() and index_rows(db, "SELECT count(*) AS n FROM instance")[0]["n"] >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} instances indexed after {timeout} s")
+
+
+def _series(run: str, n: int, pixel_bytes: int = 5000) -> list[tuple[str, bytes]]:
+    return [
+        (
+            f"{UID_ROOT}.{run}.{i}",
+            make_dataset(
+                f"{UID_ROOT}.{run}.{i}",
+                study_uid=f"{UID_ROOT}.{run}",
+                series_uid=f"{UID_ROOT}.{run}.{i % 3}.0",
+                pixel_bytes=pixel_bytes + i,
+                extra={"PatientName": "Yamada^Tarou=山田^太郎", "StudyDate": "20240102"},
+            ),
+        )
+        for i in range(n)
+    ]
+
+
+async def test_none_answers_when_written_and_indexes_everything(
+    dicomd: Dicomd, tmp_path: Path
+) -> None:
+    """durability none, keep: 0000 once the file is written; the index follows from the
+    queue with every value (decoded off the answer's path), duplicates handled there."""
+    port = free_port()
+    dicomd.start(storage_config(tmp_path, port, durability="none"))
+    items = _series("9", 60, pixel_bytes=20_000)
+    statuses = await _store(port, "DICOMD", items + items[:5])  # 5 duplicates (keep)
+    assert [s for s, _ in statuses] == [0] * 65
+    db, root = tmp_path / "index.sqlite", tmp_path / "archive"
+    wait_indexed(db, 60)
+    dicomd.wait_for_log("store_duplicate", action="kept")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the duplicates' files go once the index saw them
+        try:
+            assert check_archive_consistent(root, db) == 60
+            break
+        except AssertionError:
+            time.sleep(0.1)
+    assert check_archive_consistent(root, db) == 60
+    for uid, data in items:
+        row = instance_row(db, uid)
+        assert row is not None
+        assert row["sha256"] == hashlib.sha256(data).hexdigest()
+        assert row["patient_name"] == "Yamada^Tarou=山田^太郎"
+        assert row["study_date"] == "20240102"
+        assert dataset_of(root / row["path"])[0] == data
+    study = index_rows(db, "SELECT * FROM study")[0]
+    assert study["number_of_study_related_instances"] == 60
+    assert study["number_of_study_related_series"] == 3
+
+
+def test_journal_rewrites_files_lost_after_the_answer(dicomd: Dicomd, tmp_path: Path) -> None:
+    """durability full: what was answered 0000 is in a synced journal record until the
+    checkpoint; files lost or damaged meanwhile (power loss before their own sync) are
+    rewritten from it at start-up."""
+    port = free_port()
+    config = storage_config(tmp_path, port)
+    dicomd.start(config)
+    items = _series("10", 12)
+    statuses = asyncio.run(_store(port, "DICOMD", items))
+    assert [s for s, _ in statuses] == [0] * 12
+    dicomd.signal(signal.SIGKILL)  # before the idle checkpoint (2 s)
+    dicomd.proc.wait(10)  # type: ignore[union-attr]
+    dicomd.stop()
+    db, root = tmp_path / "index.sqlite", tmp_path / "archive"
+    assert list((root / ".dicomd").glob("journal-*")), "the journal was checkpointed already"
+    rows = [instance_row(db, uid) for uid, _ in items]
+    lost, torn = root / rows[0]["path"], root / rows[1]["path"]  # type: ignore[index]
+    lost.unlink()
+    with open(torn, "r+b") as fp:
+        fp.truncate(300)
+    dicomd.start(config)
+    dicomd.wait_for_log("archive_recovered", rewritten=2)
+    dicomd.wait_for_log("started", pid=dicomd.proc.pid)  # type: ignore[union-attr]
+    assert dicomd.stop() == 0
+    for uid, data in items:
+        row = instance_row(db, uid)
+        assert row is not None
+        assert dataset_of(root / row["path"])[0] == data
+    assert check_archive_consistent(root, db) == 12
+    assert not list((root / ".dicomd").glob("journal-*"))
+
+
 # --- kill -9 --------------------------------------------------------------------------------
 
 
-def test_kill_9_loses_nothing_acknowledged(dicomd: Dicomd, tmp_path: Path) -> None:
+@pytest.mark.parametrize("durability", ["full", "none"])
+def test_kill_9_loses_nothing_acknowledged(dicomd: Dicomd, tmp_path: Path, durability: str) -> None:
+    """kill -9 at random moments: every instance answered 0000 is on disk, intact and
+    indexed after the restart (``none`` too: a killed process loses no written file, and
+    start-up indexes what the index had not seen yet)."""
     port = free_port()
-    config = storage_config(tmp_path, port)
+    config = storage_config(tmp_path, port, durability=durability)
     db = tmp_path / "index.sqlite"
     root = tmp_path / "archive"
     sent: dict[str, bytes] = {}

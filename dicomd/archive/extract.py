@@ -258,8 +258,12 @@ def _scan_items(buf: Any, pos: int, end: int, explicit: bool, fmt: str) -> int:
             pos += length
 
 
+class _NeedMore(Exception):
+    """The scan needs bytes past the part of the data set it was given."""
+
+
 def _scan_top(
-    buf: Any, start: int, end: int, explicit: bool, fmt: str
+    buf: Any, start: int, end: int, explicit: bool, fmt: str, avail: int | None = None
 ) -> tuple[dict[int, tuple[bytes | None, int, int]], int]:
     """Walk the top level of a data set: check its structure, and return where the values
     of the index tags are ({tag: (VR or None, offset, length)}) and where the pixel data
@@ -274,9 +278,14 @@ def _scan_top(
     found: dict[int, tuple[bytes | None, int, int]] = {}
     pixels = -1
     pos = start
+    # ``buf`` may hold only the first ``avail`` bytes of the data set (the rest is in later
+    # fragments): element headers and index values must lie there; values are skipped.
+    limit = end if avail is None else avail
     vr: bytes | None = None
     while pos < end:
-        if pos + 8 > end:
+        if pos + 8 > limit:
+            if limit < end:
+                raise _NeedMore
             raise UndecodableDataset(f"truncated element header at byte {pos - start}")
         at = pos
         if explicit:
@@ -286,7 +295,9 @@ def _scan_top(
             if vr in _SHORT_VRS:
                 pos += 8
             elif vr in _LONG_VRS:
-                if pos + 12 > end:
+                if pos + 12 > limit:
+                    if limit < end:
+                        raise _NeedMore
                     raise UndecodableDataset(f"truncated element header at byte {pos - start}")
                 (length,) = unpack_long(buf, pos + 8)
                 pos += 12
@@ -296,7 +307,7 @@ def _scan_top(
                     if group >= 0x7FE0 and pixels < 0:
                         pixels = at
                     is_un = vr == b"UN"
-                    pos = _scan_items(buf, pos, end, not is_un, "<" if is_un else fmt)
+                    pos = _scan_items(buf, pos, limit, not is_un, "<" if is_un else fmt)
                     continue
             elif vr.isalpha() and vr.isupper():  # a VR newer than this list
                 pos += 8
@@ -312,7 +323,7 @@ def _scan_top(
             if length == UNDEFINED:
                 if group >= 0x7FE0 and pixels < 0:
                     pixels = at
-                pos = _scan_items(buf, pos, end, False, fmt)
+                pos = _scan_items(buf, pos, limit, False, fmt)
                 continue
         if pos + length > end:
             raise UndecodableDataset(
@@ -322,10 +333,16 @@ def _scan_top(
             if pixels < 0:
                 pixels = at
         elif (group << 16 | element) in wanted:
+            if pos + length > limit:
+                raise _NeedMore
             found[group << 16 | element] = (vr, pos, length)
         pos += length
     if pos != end:
+        if limit < end:
+            raise _NeedMore
         raise UndecodableDataset(f"unexpected delimiter at byte {pos - start}")
+    if pixels < 0 and limit < end:
+        raise _NeedMore  # the header would run past what we have
     return found, end if pixels < 0 else pixels
 
 
@@ -356,7 +373,10 @@ def _decode(vr: str, raw: bytes, encodings: list[str], tag: int, little: bool) -
 
 
 def _values(
-    buf: Any, found: dict[int, tuple[bytes | None, int, int]], little: bool
+    buf: Any,
+    found: dict[int, tuple[bytes | None, int, int]],
+    little: bool,
+    keys: frozenset[str] | None = None,
 ) -> dict[str, str | None]:
     encodings = ["iso8859"]
     charset = found.get(_CHARSET_TAG)
@@ -368,9 +388,9 @@ def _values(
     values: dict[str, str | None] = dict.fromkeys(ALL_KEYS)
     for tag, (vr_bytes, at, length) in found.items():
         keyword, dict_vr = INDEX_TAGS[tag]
-        vr = dict_vr if vr_bytes is None or vr_bytes == b"UN" else vr_bytes.decode("ascii")
-        if length == 0:
+        if length == 0 or (keys is not None and keyword not in keys):
             continue
+        vr = dict_vr if vr_bytes is None or vr_bytes == b"UN" else vr_bytes.decode("ascii")
         values[keyword] = _decode(vr, bytes(buf[at : at + length]), encodings, tag, little)
     return values
 
@@ -384,18 +404,44 @@ def _info(values: dict[str, str | None], header: bytes | None) -> InstanceInfo:
     )
 
 
-def scan(buf: Any, start: int, end: int, transfer_syntax_uid: str) -> InstanceInfo:
+def scan(
+    buf: Any,
+    start: int,
+    end: int,
+    transfer_syntax_uid: str,
+    avail: int | None = None,
+    keys: frozenset[str] | None = None,
+) -> InstanceInfo:
     """Index values of the data set ``buf[start:end]`` (bytes, bytearray or mmap) encoded
     in ``transfer_syntax_uid`` (not deflated). Raises UndecodableDataset when the data set
-    is not well formed; ``_NeedPydicom`` when a value needs pydicom's reader."""
+    is not well formed; ``_NeedPydicom`` when a value needs pydicom's reader. With
+    ``keys``, only those values are decoded now; ``complete()`` decodes the rest later
+    (``buf`` must stay unchanged until then)."""
     if end <= start:
         raise UndecodableDataset("the data set is empty")
     explicit = transfer_syntax_uid != IMPLICIT_VR_LITTLE_ENDIAN
     little = transfer_syntax_uid != EXPLICIT_VR_BIG_ENDIAN
-    found, pixels = _scan_top(buf, start, end, explicit, "<" if little else ">")
-    values = _values(buf, found, little)
+    found, pixels = _scan_top(buf, start, end, explicit, "<" if little else ">", avail)
+    values = _values(buf, found, little, keys)
     header = bytes(buf[start:pixels]) if pixels - start <= HEADER_MAX else None
-    return _info(values, header)
+    info = _info(values, header)
+    if keys is not None:
+        info.extra["pending"] = (buf, found, little)
+    return info
+
+
+def complete(info: InstanceInfo, parts: list[bytes | memoryview], transfer_syntax_uid: str) -> None:
+    """Decode the values a ``scan(keys=...)`` left out (``parts``: the whole data set)."""
+    pending = info.extra.pop("pending", None)
+    if pending is None:
+        return
+    buf, found, little = pending
+    try:
+        values = _values(buf, found, little)
+    except _NeedPydicom:
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        values = _read_with_pydicom(io.BytesIO(bytes(data)), transfer_syntax_uid, meta=False).values
+    info.values = values
 
 
 def instance_from_bytes(
@@ -408,6 +454,31 @@ def instance_from_bytes(
         except _NeedPydicom:
             pass
     return _read_with_pydicom(io.BytesIO(bytes(data)), transfer_syntax_uid, meta=False)
+
+
+def instance_from_parts(
+    parts: list[bytes | memoryview],
+    transfer_syntax_uid: str,
+    keys: frozenset[str] | None = None,
+) -> InstanceInfo:
+    """Index values of a received data set held in memory as fragments: scanned in the
+    first fragment when it holds every element header and index value (the pixel data
+    of a single frame image is one element whose length reaches the end), without joining
+    the fragments; otherwise joined."""
+    if len(parts) > 1 and transfer_syntax_uid not in DEFLATED:
+        first = parts[0]
+        total = sum(len(p) for p in parts)
+        try:
+            return scan(first, 0, total, transfer_syntax_uid, len(first), keys)
+        except (_NeedMore, _NeedPydicom, UndecodableDataset):
+            pass  # decided on the whole data set
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
+    if keys is not None and transfer_syntax_uid not in DEFLATED:
+        try:
+            return scan(data, 0, len(data), transfer_syntax_uid, None, keys)
+        except _NeedPydicom:
+            pass
+    return instance_from_bytes(data, transfer_syntax_uid)
 
 
 def instance_from_file(path: Path | str, offset: int, transfer_syntax_uid: str) -> InstanceInfo:

@@ -6,8 +6,11 @@ a file meta written by dicomd (see ``dicomd.archive.store`` for the durability w
 
 Statuses (PS3.4 B.2.3 and PS3.7 C):
 
-- ``0000`` Success: the instance is on disk, fsync'd and indexed (or, for a duplicate under
-  ``keep`` / ``replace-if-different`` with identical content, the stored copy is).
+- ``0000`` Success: under ``durability: full`` the instance is in a synced journal record
+  (it survives kill -9 and power loss), its file is in place and its index row committed
+  (or, for a duplicate under ``keep`` / ``replace-if-different`` with identical content,
+  the stored copy is). Under ``durability: none``: the file is written, nothing synced,
+  and under ``keep`` the index row follows the answer (``dicomd.archive.store``).
 - ``0111`` Duplicate SOP Instance (failure), under ``duplicates: reject``.
 - ``A700`` Refused, Out of Resources: below the ``min_free_space`` watermark, or any write,
   sync or index error; nothing of the instance stays in the archive.
@@ -24,6 +27,7 @@ lost response is harmless and nothing is ever destroyed), ``reject`` (0111), ``r
 
 from __future__ import annotations
 
+import os
 import re
 from functools import cache
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -47,8 +51,10 @@ EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 UNCOMPRESSED = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_BIG_ENDIAN)
-# Data sets are gathered into chunks of this size before each write to the archive.
-WRITE_CHUNK = 1 << 20
+# Set in worker processes (dicomd.workers): the worker's number.
+WORKER_ENV = "DICOMD_WORKER"
+# ServiceContext.shared key: callables the supervisor runs once every association is done.
+ON_SHUTDOWN = "on_shutdown"
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _TS_BY_KEYWORD = {UID(ts).keyword: str(ts) for ts in AllTransferSyntaxes}
 
@@ -119,9 +125,20 @@ def shared_archive(context: ServiceContext) -> Archive:
     key = f"archive:{cfg.root}|{cfg.layout}|{cfg.index_url}|{cfg.durability}"
     archive = context.shared.get(key)
     if archive is None:
-        archive = Archive(cfg.root, cfg.layout, cfg.index_url, cfg.durability)
-        archive.open()
+        # In a worker process (dicomd.workers): its own journal, the index shared.
+        worker = os.environ.get(WORKER_ENV)
+        archive = Archive(
+            cfg.root,
+            cfg.layout,
+            cfg.index_url,
+            cfg.durability,
+            worker=int(worker or 0),
+            shared_index=worker is not None,
+        )
+        archive.open(recover="all" if worker is None else "mine")
         context.shared[key] = archive
+        # Closed (queue committed, journal checkpointed) when the supervisor stops.
+        context.shared.setdefault(ON_SHUTDOWN, []).append(archive.close)
     assert isinstance(archive, Archive)
     return archive
 
@@ -171,22 +188,13 @@ class StorageService(Service):
             min_free_space=int(self.opts.min_free_space),
         )
         failure: StoreFailed | None = None
-        # Fragments are views of received bytes that stay valid while held: gather them
-        # and join once per chunk (one copy), instead of growing a buffer fragment by
-        # fragment (a copy per growth).
-        parts: list[bytes | memoryview] = []
-        gathered = 0
         try:
             async for fragment in request.dataset:
                 if failure is not None:
                     continue  # drain the rest of a data set we will not store
-                parts.append(fragment)
-                gathered += len(fragment)
-                if gathered >= WRITE_CHUNK:
-                    chunk = b"".join(parts)
-                    parts, gathered = [], 0
+                if ingest.add(fragment):
                     try:
-                        await ingest.write(chunk)
+                        await ingest.flush()
                     except StoreFailed as exc:
                         failure = exc
                     except OSError as exc:
@@ -194,8 +202,7 @@ class StorageService(Service):
                             STATUS_OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}"
                         )
             if failure is None:
-                last = parts[0] if len(parts) == 1 else b"".join(parts)
-                outcome = await ingest.finish(last)
+                outcome = await ingest.finish()
         except StoreFailed as exc:
             failure = exc
         except BaseException:  # the association is gone (or we are cancelled): clean up
