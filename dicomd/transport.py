@@ -83,7 +83,9 @@ class Link(asyncio.Protocol):
         self._watch_due = 0.0
         self._last_activity = self.loop.time()
         self._paused_reading = False
+        self._read_pauses = 0  # why reading is paused: _FOR_CONSUMER | _FOR_WRITES
         self._write_paused = False
+        self._write_paused_since = 0.0
         self._drain_waiters: list[asyncio.Future[None]] = []
         self.on_timeout: Callable[[str], None] | None = None
 
@@ -140,9 +142,15 @@ class Link(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._write_paused_since = self.loop.time()
+        # A peer that keeps sending requests but does not read the answers (pipelining
+        # past the (1,1) window, or simply stuck) would make us queue answers without
+        # bound: stop reading it until it has taken what is queued.
+        self._pause_reading_for(_FOR_WRITES)
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._resume_reading_for(_FOR_WRITES)
         waiters, self._drain_waiters = self._drain_waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -191,12 +199,25 @@ class Link(asyncio.Protocol):
         self._last_activity = self.loop.time()
 
     def pause_reading(self) -> None:
-        if not self._paused_reading and self.transport is not None:
-            self._paused_reading = True
-            self.transport.pause_reading()
+        """Stop reading while a service consumes what it was given (DatasetStream)."""
+        self._pause_reading_for(_FOR_CONSUMER)
 
     def resume_reading(self) -> None:
-        if self._paused_reading and self.transport is not None:
+        self._resume_reading_for(_FOR_CONSUMER)
+
+    def _pause_reading_for(self, why: int) -> None:
+        if self.transport is None:
+            return
+        if not self._read_pauses:
+            self._paused_reading = True
+            self.transport.pause_reading()
+        self._read_pauses |= why
+
+    def _resume_reading_for(self, why: int) -> None:
+        if self.transport is None or not self._read_pauses & why:
+            return
+        self._read_pauses &= ~why
+        if not self._read_pauses:
             self._paused_reading = False
             self._last_activity = self.loop.time()
             self.transport.resume_reading()
@@ -271,6 +292,21 @@ class Link(asyncio.Protocol):
 
     def _check_activity(self, now: float) -> bool:
         """The idle and DIMSE timeouts; True if the association was aborted."""
+        if (
+            self._write_paused
+            and self.dimse_timeout > 0
+            and now - self._write_paused_since >= self.dimse_timeout
+        ):
+            # The peer has not taken our answers for a whole DIMSE timeout. An A-ABORT
+            # would only queue behind them: drop the connection.
+            if self.on_timeout is not None:
+                self.on_timeout(
+                    f"DIMSE timeout after {self.dimse_timeout:g} s: the peer does not read"
+                )
+            self.abort()
+            if self.transport is not None:
+                self.transport.abort()
+            return True
         if self.upper.is_established and not self._paused_reading:
             # Waiting on the peer mid-message: DIMSE timeout. Idle between messages with
             # nothing being served: idle timeout. Serving a request: the service's business.
@@ -292,6 +328,10 @@ class Link(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
+
+# Why reading is paused (bits of Link._read_pauses).
+_FOR_CONSUMER = 1  # a service has not consumed the data set fragments it was given
+_FOR_WRITES = 2  # the peer has not read our answers (the write buffer is over its limit)
 
 _START_ARTIM = ev.StartArtim
 _STOP_ARTIM = ev.StopArtim

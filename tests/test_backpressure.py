@@ -275,3 +275,101 @@ def test_inline_service_that_waits_goes_on_in_a_task() -> None:
             await server.wait_closed()
 
     assert asyncio.run(main()) == [0, 0, 0]
+
+
+class WatchedLink(SmallBufferLink):
+    """SmallBufferLink that remembers its instances, so the test can look at the server's."""
+
+    links: ClassVar[list[Link]] = []
+
+    def connection_made(self, transport: Any) -> None:
+        self.links.append(self)
+        super().connection_made(transport)
+
+
+def test_peer_that_does_not_read_is_not_buffered_without_bound_and_is_dropped() -> None:
+    """A peer pipelines C-ECHO-RQs far past the (1,1) window and never reads the answers.
+    Once the server's writes pause it stops reading that peer, so the answers it queues stay
+    bounded; after the DIMSE timeout with nothing taken it drops the connection."""
+    from dicomd.transport import _FOR_WRITES
+
+    registry = Registry({"verification": VerificationService})
+    config = parse_config(
+        {
+            "listeners": [{"name": "dicom", "address": "127.0.0.1", "port": 11112}],
+            "local_aes": [{"ae_title": "ECHO", "services": {"verification": None}}],
+            "access": {"default": "allow"},
+        },
+        registry=registry,
+    )
+    ae = config.local_aes[0]
+    services = {
+        ae.ae_title: {
+            "verification": VerificationService(
+                VerificationService.Options(), ServiceContext(config, ae)
+            )
+        }
+    }
+    count = 40_000
+
+    async def main() -> None:
+        generation = Generation(config, services, Counters())
+
+        def factory() -> Link:
+            return WatchedLink(
+                AcceptorAssociation(generation, "dicom"),
+                requestor=False,
+                max_pdu_length=config.limits.max_pdu_length,
+                artim_timeout=30,
+                dimse_timeout=1.0,
+                idle_timeout=30,
+            )
+
+        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            assoc = await associate(
+                "127.0.0.1",
+                port,
+                calling_ae="NOREADER",
+                called_ae="ECHO",
+                contexts=[(dimse.VERIFICATION, [EXPLICIT])],
+            )
+            sock = assoc.link.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            assoc.link.pause_reading()
+            context_id = assoc.context_for(dimse.VERIFICATION)
+            # Straight to the socket: the requestor API would wait for each answer.
+            requests = b"".join(
+                bytes(chunk)
+                for i in range(1, count + 1)
+                for chunk in dimse.fragment_message(
+                    context_id, dimse.encode_command(dimse.c_echo_rq(i)), None, 0
+                )
+            )
+            assoc.link.transport.write(requests)
+            link = WatchedLink.links[-1]
+            for _ in range(1000):
+                if link._read_pauses & _FOR_WRITES:
+                    break
+                await asyncio.sleep(0.01)
+            assert link._read_pauses & _FOR_WRITES, "the server never paused writing"
+            started = asyncio.get_running_loop().time()
+            await asyncio.sleep(0.3)
+            queued = link.transport.get_write_buffer_size()
+            read = link.bytes_in
+            await asyncio.sleep(0.2)
+            assert link.bytes_in == read, "the server went on reading a peer that does not read"
+            assert read < len(requests) // 2, (read, len(requests))
+            # Bounded by one read's worth of answers, not by what the peer sends (~4 MB).
+            assert queued < 1 << 20, queued
+            await asyncio.wait_for(asyncio.shield(link.closed), 10)
+            assert asyncio.get_running_loop().time() - started >= 0.6
+            # The client, reading again, finds the connection reset.
+            assoc.link.resume_reading()
+            await asyncio.wait_for(asyncio.shield(assoc.link.closed), 10)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
