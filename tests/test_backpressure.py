@@ -132,10 +132,11 @@ class SmallBufferLink(Link):
         super().pause_writing()
 
 
-def test_echo_answered_inline_waits_for_a_full_socket_buffer() -> None:
-    """C-ECHO is answered inside the data_received callback (answers_inline); when the
-    peer stops reading and the server's writes pause, the answer waits in drain() and goes
-    on in a task. Every pipelined request still gets its response, in order."""
+async def echo_server(
+    link_class: type[Link], dimse_timeout: float = 30
+) -> tuple[asyncio.Server, int]:
+    """A Verification SCP (called AE title ECHO) on a loopback port whose connections are
+    served by ``link_class``."""
     registry = Registry({"verification": VerificationService})
     config = parse_config(
         {
@@ -146,42 +147,49 @@ def test_echo_answered_inline_waits_for_a_full_socket_buffer() -> None:
         registry=registry,
     )
     ae = config.local_aes[0]
-    services = {
-        ae.ae_title: {
-            "verification": VerificationService(
-                VerificationService.Options(), ServiceContext(config, ae)
-            )
-        }
-    }
+    verification = VerificationService(VerificationService.Options(), ServiceContext(config, ae))
+    generation = Generation(config, {ae.ae_title: {"verification": verification}}, Counters())
+
+    def factory() -> Link:
+        return link_class(
+            AcceptorAssociation(generation, "dicom"),
+            requestor=False,
+            max_pdu_length=config.limits.max_pdu_length,
+            artim_timeout=30,
+            dimse_timeout=dimse_timeout,
+            idle_timeout=30,
+        )
+
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def non_reading_client(port: int, calling_ae: str) -> tuple[Any, int]:
+    """An association to ``echo_server`` whose side has stopped reading (a tiny receive
+    buffer, reading paused), and its Verification context ID."""
+    assoc = await associate(
+        "127.0.0.1",
+        port,
+        calling_ae=calling_ae,
+        called_ae="ECHO",
+        contexts=[(dimse.VERIFICATION, [EXPLICIT])],
+    )
+    sock = assoc.link.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    assoc.link.pause_reading()
+    return assoc, assoc.context_for(dimse.VERIFICATION)
+
+
+def test_echo_answered_inline_waits_for_a_full_socket_buffer() -> None:
+    """C-ECHO is answered inside the data_received callback (answers_inline); when the
+    peer stops reading and the server's writes pause, the answer waits in drain() and goes
+    on in a task. Every pipelined request still gets its response, in order."""
     count = 2000
 
     async def main() -> list[int]:
-        generation = Generation(config, services, Counters())
-
-        def factory() -> Link:
-            return SmallBufferLink(
-                AcceptorAssociation(generation, "dicom"),
-                requestor=False,
-                max_pdu_length=config.limits.max_pdu_length,
-                artim_timeout=30,
-                dimse_timeout=30,
-                idle_timeout=30,
-            )
-
-        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        server, port = await echo_server(SmallBufferLink)
         try:
-            assoc = await associate(
-                "127.0.0.1",
-                port,
-                calling_ae="PIPELINER",
-                called_ae="ECHO",
-                contexts=[(dimse.VERIFICATION, [EXPLICIT])],
-            )
-            sock = assoc.link.transport.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            assoc.link.pause_reading()
-            context_id = assoc.context_for(dimse.VERIFICATION)
+            assoc, context_id = await non_reading_client(port, "PIPELINER")
 
             async def echo(message_id: int) -> tuple[int, int]:
                 fields = dimse.c_echo_rq(message_id)
@@ -293,52 +301,12 @@ def test_peer_that_does_not_read_is_not_buffered_without_bound_and_is_dropped() 
     bounded; after the DIMSE timeout with nothing taken it drops the connection."""
     from dicomd.transport import _FOR_WRITES
 
-    registry = Registry({"verification": VerificationService})
-    config = parse_config(
-        {
-            "listeners": [{"name": "dicom", "address": "127.0.0.1", "port": 11112}],
-            "local_aes": [{"ae_title": "ECHO", "services": {"verification": None}}],
-            "access": {"default": "allow"},
-        },
-        registry=registry,
-    )
-    ae = config.local_aes[0]
-    services = {
-        ae.ae_title: {
-            "verification": VerificationService(
-                VerificationService.Options(), ServiceContext(config, ae)
-            )
-        }
-    }
     count = 40_000
 
     async def main() -> None:
-        generation = Generation(config, services, Counters())
-
-        def factory() -> Link:
-            return WatchedLink(
-                AcceptorAssociation(generation, "dicom"),
-                requestor=False,
-                max_pdu_length=config.limits.max_pdu_length,
-                artim_timeout=30,
-                dimse_timeout=1.0,
-                idle_timeout=30,
-            )
-
-        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        server, port = await echo_server(WatchedLink, dimse_timeout=1.0)
         try:
-            assoc = await associate(
-                "127.0.0.1",
-                port,
-                calling_ae="NOREADER",
-                called_ae="ECHO",
-                contexts=[(dimse.VERIFICATION, [EXPLICIT])],
-            )
-            sock = assoc.link.transport.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            assoc.link.pause_reading()
-            context_id = assoc.context_for(dimse.VERIFICATION)
+            assoc, context_id = await non_reading_client(port, "NOREADER")
             # Straight to the socket: the requestor API would wait for each answer.
             requests = b"".join(
                 bytes(chunk)
