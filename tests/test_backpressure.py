@@ -132,23 +132,25 @@ class SmallBufferLink(Link):
         super().pause_writing()
 
 
-async def echo_server(
-    link_class: type[Link], dimse_timeout: float = 30
+async def serve(
+    service_class: type[Service],
+    ae_title: str,
+    link_class: type[Link] = Link,
+    dimse_timeout: float = 30,
 ) -> tuple[asyncio.Server, int]:
-    """A Verification SCP (called AE title ECHO) on a loopback port whose connections are
-    served by ``link_class``."""
-    registry = Registry({"verification": VerificationService})
+    """One service on a local AE on a loopback port, connections served by ``link_class``."""
+    registry = Registry({service_class.name: service_class})
     config = parse_config(
         {
             "listeners": [{"name": "dicom", "address": "127.0.0.1", "port": 11112}],
-            "local_aes": [{"ae_title": "ECHO", "services": {"verification": None}}],
+            "local_aes": [{"ae_title": ae_title, "services": {service_class.name: None}}],
             "access": {"default": "allow"},
         },
         registry=registry,
     )
     ae = config.local_aes[0]
-    verification = VerificationService(VerificationService.Options(), ServiceContext(config, ae))
-    generation = Generation(config, {ae.ae_title: {"verification": verification}}, Counters())
+    service = service_class(service_class.Options(), ServiceContext(config, ae))
+    generation = Generation(config, {ae.ae_title: {service_class.name: service}}, Counters())
 
     def factory() -> Link:
         return link_class(
@@ -162,6 +164,13 @@ async def echo_server(
 
     server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1]
+
+
+async def echo_server(
+    link_class: type[Link], dimse_timeout: float = 30
+) -> tuple[asyncio.Server, int]:
+    """A Verification SCP (called AE title ECHO)."""
+    return await serve(VerificationService, "ECHO", link_class, dimse_timeout)
 
 
 async def non_reading_client(port: int, calling_ae: str) -> tuple[Any, int]:
@@ -237,31 +246,8 @@ class LateEcho(Service):
 
 
 def test_inline_service_that_waits_goes_on_in_a_task() -> None:
-    registry = Registry({"lateecho": LateEcho})
-    config = parse_config(
-        {
-            "listeners": [{"name": "dicom", "address": "127.0.0.1", "port": 11112}],
-            "local_aes": [{"ae_title": "LATE", "services": {"lateecho": None}}],
-            "access": {"default": "allow"},
-        },
-        registry=registry,
-    )
-    ae = config.local_aes[0]
-    services = {ae.ae_title: {"lateecho": LateEcho(LateEcho.Options(), ServiceContext(config, ae))}}
-
     async def main() -> list[int]:
-        generation = Generation(config, services, Counters())
-
-        def factory() -> Link:
-            return Link(
-                AcceptorAssociation(generation, "dicom"),
-                requestor=False,
-                max_pdu_length=config.limits.max_pdu_length,
-                artim_timeout=30,
-            )
-
-        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        server, port = await serve(LateEcho, "LATE")
         try:
             assoc = await associate(
                 "127.0.0.1",
