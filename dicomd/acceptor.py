@@ -8,6 +8,7 @@ already open finish on the one they started with.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, cast
 
 from dicomd.access import AccessDecision, AssociationFacts, decide
@@ -148,21 +149,24 @@ class Generation:
 class AcceptorAssociation(Association):
     role = "acceptor"
 
+    # Starting values on the class (see Association).
+    local_ae: LocalAEHandle | None = None
+    # What the A-ASSOCIATE-RQ proposed (roles, extended negotiation, user identity).
+    negotiation: AssociationRequest | None = None
+    permitted: frozenset[str] = frozenset()
+    decision: AccessDecision | None = None
+    address = ""
+    tls_subject: str | None = None
+    tls_names: tuple[str, ...] = ()
+    # Abstract syntaxes accepted through Service.offer_for() on this association; made
+    # when the first one is.
+    extra_syntaxes: dict[str, Service] = MappingProxyType({})  # type: ignore[assignment]
+    _counted = False
+
     def __init__(self, generation: Generation, listener: str) -> None:
         super().__init__()
         self.generation = generation
         self.listener = listener
-        self.local_ae: LocalAEHandle | None = None
-        # What the A-ASSOCIATE-RQ proposed (roles, extended negotiation, user identity).
-        self.negotiation: AssociationRequest | None = None
-        self.permitted: frozenset[str] = frozenset()
-        self.decision: AccessDecision | None = None
-        self.address = ""
-        self.tls_subject: str | None = None
-        self.tls_names: tuple[str, ...] = ()
-        # Abstract syntaxes accepted through Service.offer_for() on this association.
-        self.extra_syntaxes: dict[str, Service] = {}
-        self._counted = False
         generation.open_associations += 1
 
     def _log_context(self) -> dict[str, Any]:
@@ -300,7 +304,7 @@ class AcceptorAssociation(Association):
         self.permitted = decision.services
         negotiated, refused, extra, accept = self._negotiate(request, handle, decision)
         if extra:
-            self.extra_syntaxes.update(extra)
+            self.extra_syntaxes = dict(extra)
         if refused:
             self._log_refused_services(request, refused, decision)
         # The A-ASSOCIATE-AC goes out first: the peer's next PDU cannot be read before this
@@ -539,6 +543,9 @@ class _NotAuthorized:
         self.verb = verb
         decision = association.decision
         self.rule = decision.by_service.get(verb, decision.rule) if decision else "access"
+
+    def answer_inline(self, association: Association, request: Request) -> bool:
+        return False
 
     async def handle(self, association: Association, request: Request) -> None:
         association.log.warning(

@@ -14,7 +14,7 @@ import itertools
 import ssl as ssl_module
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -224,26 +224,29 @@ class Association:
 
     role = "association"
 
+    # Immutable starting values live on the class: an instance assigns its own when they
+    # change, and a short association does not pay for setting them all up.
+    _log: Logger | None = None
+    calling_ae = ""
+    called_ae = ""
+    peer_max_pdu_length = 0
+    peer_implementation = ("", "")
+    _established: asyncio.Future[None] | None = None
+    messages_in = 0
+    messages_out = 0
+    _assembler: dimse.MessageAssembler | None = None
+    _incoming: DatasetStream | _ResponseCollector | None = None
+    _message_ids: Iterator[int] | None = None
+    _end_reason = ""
+
     def __init__(self) -> None:
         self.id = next(_assoc_ids)
         self.link: Link = None  # type: ignore[assignment]  # set in connection_started
-        self._log: Logger | None = None
-        self.calling_ae = ""
-        self.called_ae = ""
         self.contexts: dict[int, AcceptedContext] = {}
-        self.peer_max_pdu_length = 0
-        self.peer_implementation = ("", "")
         self.started = time.monotonic()
-        self._established: asyncio.Future[None] | None = None
-        self.messages_in = 0
-        self.messages_out = 0
-        self._assembler: dimse.MessageAssembler | None = None
-        self._incoming: DatasetStream | _ResponseCollector | None = None
         self._in_flight: dict[int, Request] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._responses: dict[int, asyncio.Queue[Response | BaseException]] = {}
-        self._message_ids = itertools.cycle(range(1, 65536))
-        self._end_reason = ""
 
     @property
     def established(self) -> asyncio.Future[None]:
@@ -413,23 +416,15 @@ class Association:
         request = Request(self, context, command, stream, time.monotonic())
         if stream is not None:
             self._incoming = stream
-        self._in_flight[int(command.message_id or 0)] = request
-        self.link.busy = True
         try:
             service = self.service_for(request)
         except Exception as exc:  # answered in _serve, as a failing service would be
             service = cast("Service", _Unserviceable(exc))
+        if stream is None and service is not None and self._answered_inline(service, request):
+            return
+        self._in_flight[int(command.message_id or 0)] = request
+        self.link.busy = True
         coro: Coroutine[Any, Any, None] = self._serve(request, service)
-        if getattr(service, "answers_inline", False):
-            # A service that usually answers without waiting (C-ECHO) runs its first step
-            # here, in the data_received callback, instead of in a task of its own: the
-            # task and its trip through the event loop cost more than the answer. Should
-            # it wait after all (a full socket buffer: drain()), the rest goes on in a task.
-            try:
-                step = coro.send(None)
-            except StopIteration:
-                return
-            coro = _finish(_Resumed(coro, step))
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -437,6 +432,27 @@ class Association:
     def service_for(self, request: Request) -> Service | None:
         """The service that handles requests on this context (acceptors override)."""
         return None
+
+    def _answered_inline(self, service: Service, request: Request) -> bool:
+        """Let the service answer inside this data_received callback
+        (``Service.answer_inline``, C-ECHO): a task and its trip through the event loop
+        would cost more than the answer. A failure there is answered as in ``_serve``."""
+        try:
+            return service.answer_inline(self, request)
+        except (ConnectionError, AssociationError):
+            return True  # the association is gone; the close is logged once elsewhere
+        except Exception as exc:
+            self.log.error(
+                "service_failed",
+                error=repr(exc),
+                command_field=hex(request.command.command_field),
+                exc_info=True,
+            )
+            if not request.responded and self.link.upper.is_established:
+                self.respond_now(
+                    request, status=STATUS_PROCESSING_FAILURE, error_comment="internal error"
+                )
+            return True
 
     async def _serve(self, request: Request, service: Service | None) -> None:
         try:
@@ -477,13 +493,18 @@ class Association:
         fields: dict[int, Any],
         dataset: bytes | memoryview | None = None,
     ) -> None:
+        self._send_now(context_id, fields, dataset)
+        await self.link.drain()
+
+    def _send_now(
+        self, context_id: int, fields: dict[int, Any], dataset: bytes | memoryview | None
+    ) -> None:
         if not self.link.upper.is_established:
             raise AssociationAborted(self._end_reason or "association is not established")
         command = dimse.encode_command(fields)
         chunks = dimse.fragment_message(context_id, command, dataset, self.peer_max_pdu_length)
         self.link.send_data(chunks)
         self.messages_out += 1
-        await self.link.drain()
 
     async def send_image(
         self, context_id: int, fields: dict[int, Any], image: tuple[bytearray, int]
@@ -521,6 +542,15 @@ class Association:
         if status not in (0xFF00, 0xFF01):
             request.responded = True
         await self.send_message(request.context.context_id, fields, dataset)
+
+    def respond_now(self, request: Request, status: int, **extra: Any) -> None:
+        """Send the final response to ``request`` (no data set) without waiting: for
+        ``Service.answer_inline``. The bytes join the socket's write buffer; a peer that
+        stops reading gets its reading paused (``Link.pause_writing``), so what we queue
+        stays bounded by what one read brought in."""
+        fields = dimse.response_for(request.command, status, has_dataset=False, **extra)
+        request.responded = True
+        self._send_now(request.context.context_id, fields, None)
 
     async def respond_pending(
         self, request: Request, datasets: Sequence[bytes], status: int = 0xFF00
@@ -581,7 +611,10 @@ class Association:
             self._responses.pop(message_id, None)
 
     def next_message_id(self) -> int:
-        return next(self._message_ids)
+        ids = self._message_ids
+        if ids is None:
+            ids = self._message_ids = itertools.cycle(range(1, 65536))
+        return next(ids)
 
     def abort(self) -> None:
         self._end_reason = self._end_reason or "aborted by us"
@@ -637,45 +670,6 @@ class Association:
         }
 
 
-class _Resumed:
-    """The rest of a coroutine whose first step already ran outside any task (see
-    ``Association._on_command``), as an awaitable a task can drive.
-
-    ``step`` is what that first ``send(None)`` yielded: the future the coroutine waits on
-    (or None for a bare yield). The task gets it first, then this drives the coroutine on
-    exactly as ``await coroutine`` would (PEP 380): values sent and exceptions thrown in,
-    cancellation included, go to the coroutine."""
-
-    __slots__ = ("coro", "step")
-
-    def __init__(self, coro: Coroutine[Any, Any, None], step: Any) -> None:
-        self.coro = coro
-        self.step = step
-
-    def __await__(self) -> Generator[Any, Any, None]:
-        coro, step = self.coro, self.step
-        while True:
-            try:
-                sent = yield step
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:  # cancellation too: it is the coroutine's to handle
-                try:
-                    step = coro.throw(exc)
-                except StopIteration:
-                    return
-            else:
-                try:
-                    step = coro.send(sent)
-                except StopIteration:
-                    return
-
-
-async def _finish(resumed: _Resumed) -> None:
-    await resumed
-
-
 class _Unserviceable:
     """Stands in when finding the service for a request failed (a bug): ``_serve`` logs it
     and answers with a processing failure."""
@@ -684,6 +678,9 @@ class _Unserviceable:
 
     def __init__(self, exc: Exception) -> None:
         self.exc = exc
+
+    def answer_inline(self, association: Association, request: Request) -> bool:
+        return False
 
     async def handle(self, association: Association, request: Request) -> None:
         raise self.exc
@@ -696,6 +693,9 @@ class _HandlerService:
 
     def __init__(self, handler: Callable[[Request], Any]) -> None:
         self.handler = handler
+
+    def answer_inline(self, association: Association, request: Request) -> bool:
+        return False
 
     async def handle(self, association: Association, request: Request) -> None:
         await self.handler(request)

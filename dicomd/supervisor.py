@@ -126,6 +126,7 @@ class Supervisor:
         self.generation: Generation | None = None
         self.service_sets: dict[int, ServiceSet] = {}
         self.links: set[Link] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None  # known once connections arrive
         # Listener name → its current server context. Connections take the one current when
         # they arrive, so a reload (SIGHUP) serves renewed certificates to new connections.
         self.tls_contexts: dict[str, ssl.SSLContext] = {}
@@ -305,6 +306,8 @@ class Supervisor:
 
     def _new_link(self, generation: Generation, listener: str, elapsed: float) -> Link:
         limits = generation.config.limits
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
         assoc = self.association_class(generation, listener)
         link = Link(
             assoc,
@@ -314,9 +317,10 @@ class Supervisor:
             artim_timeout=max(limits.acse_timeout - elapsed, 0.001),
             idle_timeout=limits.idle_timeout,
             dimse_timeout=limits.dimse_timeout,
+            loop=self.loop,
+            tracker=self.links,
         )
         self.links.add(link)
-        link.closed.add_done_callback(lambda _f: self.links.discard(link))
         return link
 
     def _admit(self, generation: Generation, listener: str, address: str) -> bool:

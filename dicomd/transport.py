@@ -52,6 +52,8 @@ class Link(asyncio.Protocol):
         artim_timeout: float,
         idle_timeout: float = 0.0,
         dimse_timeout: float = 0.0,
+        loop: asyncio.AbstractEventLoop | None = None,
+        tracker: set[Link] | None = None,
     ) -> None:
         self.owner = owner
         self.upper = UpperLayer(requestor=requestor, max_pdu_length=max_pdu_length)
@@ -59,12 +61,18 @@ class Link(asyncio.Protocol):
         self.idle_timeout = idle_timeout
         self.dimse_timeout = dimse_timeout
         self.transport: asyncio.Transport | None = None
-        self.loop = asyncio.get_running_loop()
+        # The acceptor passes its loop: asyncio.get_running_loop() costs a getpid() system
+        # call, once per connection otherwise.
+        self.loop = loop if loop is not None else asyncio.get_running_loop()
+        # A set this link is in while its connection is open (the supervisor's, to drain
+        # and abort at shutdown); connection_lost removes it.
+        self.tracker = tracker
         self.peer: tuple[str, int] = ("", 0)
         self.tls_peer_certificate: dict | None = None
         self.bytes_in = 0
         self.bytes_out = 0
-        self.closed = self.loop.create_future()
+        self._closed: asyncio.Future[None] | None = None
+        self._lost = False
         # Set by the owner: True while a received message is incomplete (dimse_timeout
         # applies); busy while a request is being served (idle_timeout does not apply).
         self.in_message = False
@@ -137,8 +145,22 @@ class Link(asyncio.Protocol):
         self._drain_waiters.clear()
         if not self.upper.is_closed:
             self._run(self.upper.connection_lost())
-        if not self.closed.done():
-            self.closed.set_result(None)
+        self._lost = True
+        if self.tracker is not None:
+            self.tracker.discard(self)
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+
+    @property
+    def closed(self) -> asyncio.Future[None]:
+        """Done once the connection is gone. Made on first use: most links are never
+        waited on."""
+        future = self._closed
+        if future is None:
+            future = self._closed = self.loop.create_future()
+            if self._lost:
+                future.set_result(None)
+        return future
 
     def pause_writing(self) -> None:
         self._write_paused = True

@@ -190,9 +190,10 @@ async def non_reading_client(port: int, calling_ae: str) -> tuple[Any, int]:
 
 
 def test_echo_answered_inline_waits_for_a_full_socket_buffer() -> None:
-    """C-ECHO is answered inside the data_received callback (answers_inline); when the
-    peer stops reading and the server's writes pause, the answer waits in drain() and goes
-    on in a task. Every pipelined request still gets its response, in order."""
+    """C-ECHO is answered inside the data_received callback (answer_inline); when the
+    peer stops reading and the server's writes pause, the server stops reading too, and
+    the answers wait in its write buffer. Every pipelined request still gets its
+    response, in order."""
     count = 2000
 
     async def main() -> list[int]:
@@ -228,26 +229,36 @@ def test_echo_answered_inline_waits_for_a_full_socket_buffer() -> None:
 LATE_SOP_CLASS = "1.2.826.0.1.3680043.9.9999.2"  # a private test abstract syntax
 
 
-class LateEcho(Service):
-    """Declares answers_inline but waits before answering: its first step runs inside
-    data_received, the rest must go on in a task."""
+class SometimesInline(Service):
+    """Answers even message IDs inside data_received (answer_inline), leaves odd ones to
+    handle() in a task, which waits first; message ID 7 makes answer_inline fail."""
 
-    name: ClassVar[str] = "lateecho"
+    name: ClassVar[str] = "sometimesinline"
     permissions: ClassVar[tuple[str, ...]] = ("echo",)
-    answers_inline: ClassVar[bool] = True
+    inline: ClassVar[list[int]] = []
 
     def offers(self) -> list[Offer]:
         return [Offer(LATE_SOP_CLASS, (EXPLICIT,))]
 
+    def answer_inline(self, association: Any, request: Any) -> bool:
+        message_id = request.command.message_id
+        if message_id == 7:
+            raise RuntimeError("a bug in answer_inline")
+        if message_id % 2:
+            return False
+        self.inline.append(message_id)
+        association.respond_now(request, status=0x0000)
+        return True
+
     async def handle(self, association: Any, request: Any) -> None:
         await asyncio.sleep(0.001)
-        await asyncio.sleep(0)  # a bare yield, as the task sees it
+        await asyncio.sleep(0)
         await association.respond(request, status=0x0000)
 
 
-def test_inline_service_that_waits_goes_on_in_a_task() -> None:
+def test_inline_answers_tasks_and_failures_on_one_association() -> None:
     async def main() -> list[int]:
-        server, port = await serve(LateEcho, "LATE")
+        server, port = await serve(SometimesInline, "LATE")
         try:
             assoc = await associate(
                 "127.0.0.1",
@@ -258,7 +269,7 @@ def test_inline_service_that_waits_goes_on_in_a_task() -> None:
             )
             context_id = assoc.context_for(LATE_SOP_CLASS)
             statuses = []
-            for message_id in (1, 2, 3):
+            for message_id in range(1, 10):
                 fields = dimse.c_echo_rq(message_id, LATE_SOP_CLASS)
                 async for response in assoc.request(context_id, fields, timeout=10):
                     statuses.append(response.status)
@@ -268,7 +279,11 @@ def test_inline_service_that_waits_goes_on_in_a_task() -> None:
             server.close()
             await server.wait_closed()
 
-    assert asyncio.run(main()) == [0, 0, 0]
+    SometimesInline.inline.clear()
+    statuses = asyncio.run(main())
+    # 7 failed inside answer_inline: a processing failure, and the association went on.
+    assert statuses == [0, 0, 0, 0, 0, 0, 0x0110, 0, 0]
+    assert SometimesInline.inline == [2, 4, 6, 8]
 
 
 class WatchedLink(SmallBufferLink):

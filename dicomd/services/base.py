@@ -7,7 +7,8 @@ A service declares:
 - ``offers()``: the presentation contexts it serves, so the acceptor can negotiate;
 - ``offer_for()``: optionally, an offer for an abstract syntax no ``offers()`` names;
 - ``extended_negotiation()``: optionally, the reply to a SOP Class Extended Negotiation item;
-- ``handle()``: one DIMSE request on an association;
+- ``handle()``: one DIMSE request on an association (``answer_inline()``: at once, for
+  requests answered without waiting, such as C-ECHO);
 - ``run()``: optional background work for the life of the process (a writer, a watcher).
   The supervisor restarts it with backoff if it fails, without touching other services.
 """
@@ -93,6 +94,14 @@ class Service(ABC):
     def permission_for(self, request: Request) -> str:
         """The access-policy verb a request needs; services with one verb need not override."""
         return self.permissions[0]
+
+    def answer_inline(self, association: Association, request: Request) -> bool:
+        """Answer a request that has no data set at once, inside the callback that read
+        it, or return False (the default) to have ``handle()`` run in a task of its own.
+
+        For requests answered without waiting on anything (C-ECHO): answer with
+        ``association.respond_now()`` and return True. Must not block or await."""
+        return False
 
     @abstractmethod
     async def handle(self, association: Association, request: Request) -> None:

@@ -21,13 +21,13 @@ UNCOMPRESSED_TRANSFER_SYNTAXES = (
 class VerificationService(Service):
     name: ClassVar[str] = "verification"
     permissions: ClassVar[tuple[str, ...]] = ("echo",)
-    # handle() answers without awaiting anything but a full socket buffer, so the
-    # association runs it inside the data_received callback (Association._on_command)
-    # rather than in a task per C-ECHO; it must not need asyncio.current_task().
-    answers_inline: ClassVar[bool] = True
 
     def offers(self) -> list[Offer]:
         return [Offer(VERIFICATION_SOP_CLASS, UNCOMPRESSED_TRANSFER_SYNTAXES)]
+
+    def answer_inline(self, association: Association, request: Request) -> bool:
+        association.respond_now(request, status=0x0000)
+        return True
 
     async def handle(self, association: Association, request: Request) -> None:
         await association.respond(request, status=0x0000)
