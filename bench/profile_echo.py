@@ -276,7 +276,9 @@ async def _cycles(n: int, new: bool, profile: object = None) -> float:
         config = parse_config(bench.dicomd_config(Path(tmp), 11112, "DICOMD"), registry=registry)
         generation = Generation(config, build_services(config, registry), Counters())
         new_link = Supervisor._new_link
-        holder = type("Holder", (), {"links": set(), "association_class": AcceptorAssociation})()
+        holder = type(
+            "Holder", (), {"links": set(), "association_class": AcceptorAssociation, "loop": None}
+        )()
         loop = asyncio.get_running_loop()
 
         async def one(i: int) -> None:
@@ -285,7 +287,7 @@ async def _cycles(n: int, new: bool, profile: object = None) -> float:
             link.connection_made(transport)  # type: ignore[arg-type]
             link.data_received(pdus.next_rq())
             link.data_received(pdus.echo)
-            while link.busy:  # the C-ECHO is served by a task
+            while link.busy:  # a C-ECHO served by a task (answered inline: never)
                 await asyncio.sleep(0)
             link.data_received(pdus.release)
             link.eof_received()

@@ -248,16 +248,25 @@ class Association:
         self._tasks: set[asyncio.Task[None]] = set()
         self._responses: dict[int, asyncio.Queue[Response | BaseException]] = {}
 
+    # How establishment ended: None (not yet), True (established) or the exception.
+    _establish_outcome: bool | BaseException | None = None
+
     @property
     def established(self) -> asyncio.Future[None]:
         """Done when the association is established; fails if it never is.
 
-        Made on first use, on the link's loop once there is a link: asking asyncio for
-        the running loop costs a getpid() system call, once per association otherwise."""
+        Made on first use, on the link's loop once there is a link: acceptors never wait
+        on it, and asking asyncio for the running loop costs a getpid() system call."""
         future = self._established
         if future is None:
             loop = self.link.loop if self.link is not None else asyncio.get_running_loop()
             future = self._established = loop.create_future()
+            outcome = self._establish_outcome
+            if outcome is True:
+                future.set_result(None)
+            elif outcome is not None:
+                future.set_exception(outcome)
+                future.exception()  # mark retrieved: the requestor re-raises it itself
         return future
 
     # -- logging -------------------------------------------------------------------------
@@ -346,13 +355,17 @@ class Association:
     def _set_established(self, contexts: dict[int, AcceptedContext]) -> None:
         self.contexts = contexts
         self._assembler = dimse.MessageAssembler(contexts.keys())
-        if not self.established.done():
-            self.established.set_result(None)
+        if self._establish_outcome is None:
+            self._establish_outcome = True
+            if self._established is not None:
+                self._established.set_result(None)
 
     def _fail_established(self, exc: BaseException) -> None:
-        if not self.established.done():
-            self.established.set_exception(exc)
-            self.established.exception()  # mark retrieved: the requestor re-raises it itself
+        if self._establish_outcome is None:
+            self._establish_outcome = exc
+            if self._established is not None:
+                self._established.set_exception(exc)
+                self._established.exception()  # marked retrieved: the requestor re-raises it
 
     # -- incoming messages ---------------------------------------------------------------
 
@@ -647,7 +660,7 @@ class Association:
 
     def _on_closed(self) -> None:
         if (
-            not self.established.done()
+            self._establish_outcome is None
             or self._incoming is not None
             or self._responses
             or self._in_flight
