@@ -115,10 +115,9 @@ class Counters:
     by_address: dict[str, int] = field(default_factory=dict)
 
 
-# Per-request answers are cheap to recompute (~5 µs) and, when requests keep changing,
-# cost more in GC work than they save if kept long: a small cache (see pdu._RQ_CACHE_SIZE).
+# Per-request answers, one per device's request (as pdu._RQ_CACHE_SIZE, oldest out first).
 # Offers per (local AE, decision) are few and stable.
-ACCEPT_CACHE_SIZE = 64
+ACCEPT_CACHE_SIZE = 256
 OFFER_CACHE_SIZE = 256
 
 
@@ -408,7 +407,7 @@ class AcceptorAssociation(Association):
         )
         result = (negotiated, refused, taken, accept)
         if len(gen.accept_cache) >= ACCEPT_CACHE_SIZE:
-            gen.accept_cache.clear()
+            del gen.accept_cache[next(iter(gen.accept_cache))]  # the oldest
         # The key objects are kept in the value so a recycled id() can never match.
         gen.accept_cache[key] = (request, handle, decision, result)
         return result

@@ -394,17 +394,19 @@ def decode_associate_rq(pdu: memoryview | bytes) -> AssociationRequest:
         return cached
     decoded = decode_rq(key)
     if len(_rq_cache) >= _RQ_CACHE_SIZE:
-        _rq_cache.clear()
+        del _rq_cache[next(iter(_rq_cache))]  # the oldest: a site's busy devices stay
     _rq_cache[key] = decoded
     return decoded
 
 
 # A modality sends the same A-ASSOCIATE-RQ bytes association after association: identical
 # bytes share one decoded request (it is only read, never changed), which also lets the
-# acceptor remember its answer per request object (acceptor.Generation.accept_cache). Kept
-# small: when every request is new, entries that outlive many associations end up in the
-# GC's older generations and cost more than the decode they would save (~6 µs).
-_RQ_CACHE_SIZE = 64
+# acceptor remember its answer per request object (acceptor.Generation.accept_cache).
+# Sized for the devices of a site (each has one or a few requests); the oldest entry goes
+# first, so a busy site beyond that size still keeps most of what it sends. Not larger:
+# when every request is new, entries that outlive many associations end up in the GC's
+# older generations and cost more than the decode they would save (~6 µs).
+_RQ_CACHE_SIZE = 256
 _rq_cache: dict[bytes, AssociationRequest] = {}
 
 
