@@ -84,15 +84,16 @@ NEW_RQ_POOL = 20_000
 
 def build_pdus(called_ae: str) -> dict[str, str]:
     from dicomd.net import dimse
-    from dicomd.net.negotiation import ProposedContext, build_request
+    from dicomd.net.acse_codec import encode_rq
+    from dicomd.net.negotiation import ProposedContext
     from dicomd.net.pdu import encode_release_rq
 
-    rq = build_request(
+    rq = encode_rq(
         calling_ae="BENCHSCU",
         called_ae=called_ae,
         contexts=[ProposedContext(1, VERIFICATION, (EXPLICIT_LE, IMPLICIT_LE))],
         max_pdu_length=16384,
-    ).encode()
+    )
     command = dimse.encode_command(dimse.c_echo_rq(1))
     echo = b"".join(bytes(c) for c in dimse.fragment_message(1, command, None, 16384))
     return {"rq": rq.hex(), "echo": echo.hex(), "release": encode_release_rq().hex()}

@@ -24,13 +24,13 @@ TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
 
 
 def canned_replies(called_ae: str) -> dict[int, bytes]:
-    rq = negotiation.build_request(
+    rq = acse_codec.encode_rq(
         calling_ae="BENCHSCU",
         called_ae=called_ae,
         contexts=[negotiation.ProposedContext(1, VERIFICATION, TRANSFER_SYNTAXES)],
         max_pdu_length=16384,
     )
-    request = pdu.decode_associate_rq(rq.encode())
+    request = pdu.decode_associate_rq(rq)
     offers = [negotiation.ContextOffer(VERIFICATION, TRANSFER_SYNTAXES, True, False)]
     accepted = acse_codec.encode_ac(
         request, negotiation.negotiate_contexts(request, offers), max_pdu_length=65536

@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any, cast
 from dicomd.logging import Logger, get_logger
 from dicomd.net import dimse
 from dicomd.net import events as ev
+from dicomd.net.acse_codec import encode_rq
 from dicomd.net.negotiation import (
     AcceptedContext,
     AssociationAccept,
     ProposedContext,
-    build_request,
+    UserIdentity,
     parse_accept,
 )
 from dicomd.transport import Link
@@ -719,7 +720,7 @@ class RequestorAssociation(Association):
 
     role = "requestor"
 
-    def __init__(self, rq_contexts: Sequence[ProposedContext], rq: Any) -> None:
+    def __init__(self, rq_contexts: Sequence[ProposedContext], rq: bytes) -> None:
         super().__init__()
         self._proposed = tuple(rq_contexts)
         self._rq = rq
@@ -787,6 +788,8 @@ async def associate(
     contexts: Sequence[tuple[str, Sequence[str]]],
     max_pdu_length: int = 65536,
     roles: dict[str, tuple[bool, bool]] | None = None,
+    extended_negotiation: dict[str, bytes] | None = None,
+    user_identity: UserIdentity | None = None,
     ssl: ssl_module.SSLContext | None = None,
     server_hostname: str | None = None,
     local_addr: tuple[str, int] | None = None,
@@ -794,8 +797,13 @@ async def associate(
     acse_timeout: float = 30.0,
     dimse_timeout: float = 60.0,
 ) -> RequestorAssociation:
-    """Open an association; raises AssociationRejected / AssociationAborted / OSError.
+    """Open an association; raises AssociationRejected / AssociationAborted / OSError,
+    or ValueError for values that cannot be proposed (AE titles, UIDs).
 
+    ``roles``: SCP/SCU role selection per SOP class, (scu, scp) for us (PS3.7 D.3.3.4);
+    ``extended_negotiation``: SOP Class Extended Negotiation per SOP class, the service
+    class application information (PS3.7 D.3.3.5): the acceptor's replies are in
+    ``assoc.accept.extended_negotiation``; ``user_identity``: PS3.7 D.3.3.7;
     ``ssl``: a client context (``dicomd.tls.client_context``) for a TLS peer;
     ``local_addr``: the (address, port) to connect from (port 0: any).
     """
@@ -804,12 +812,14 @@ async def associate(
     ]
     if len(proposed) > 128:
         raise ValueError("at most 128 presentation contexts can be proposed (PS3.8 9.3.2.2)")
-    rq = build_request(
+    rq = encode_rq(
         calling_ae=calling_ae,
         called_ae=called_ae,
         contexts=proposed,
         max_pdu_length=max_pdu_length,
         roles=roles,
+        extended_negotiation=extended_negotiation,
+        user_identity=user_identity,
     )
     assoc = RequestorAssociation(proposed, rq)
     assoc.calling_ae, assoc.called_ae = calling_ae, called_ae

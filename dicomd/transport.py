@@ -17,8 +17,6 @@ from dicomd.net import events as ev
 from dicomd.net.fsm import UpperLayer
 
 if TYPE_CHECKING:
-    from pynetdicom.pdu import A_ASSOCIATE_RQ
-
     from dicomd.net.acse_codec import AssociateRJ
 
 log = get_logger("dicomd.transport")
@@ -180,7 +178,8 @@ class Link(asyncio.Protocol):
 
     # -- what the owner calls ------------------------------------------------------------
 
-    def associate_request(self, rq: A_ASSOCIATE_RQ) -> None:
+    def associate_request(self, rq: bytes) -> None:
+        """Evt1: ``rq`` is the encoded A-ASSOCIATE-RQ (``acse_codec.encode_rq``)."""
         self._run(self.upper.associate_request(rq))
 
     def associate_accept(self, ac: bytes) -> None:

@@ -18,7 +18,12 @@ from __future__ import annotations
 import struct
 
 import pytest
-from acse_reference import reference_decode_rq, reference_encode_ac
+from acse_reference import (
+    reference_decode_ac,
+    reference_decode_rq,
+    reference_encode_ac,
+    reference_encode_rq,
+)
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
@@ -43,8 +48,11 @@ from dicomd.net.events import (
 )
 from dicomd.net.negotiation import (
     APPLICATION_CONTEXT_NAME,
+    AssociateAC,
     AssociationRequest,
     ContextOffer,
+    ContextResult,
+    ProposedContext,
     UserIdentity,
     negotiate_contexts,
 )
@@ -216,12 +224,19 @@ def test_accept_bytes_equal_pynetdicom_encoding(case: tuple) -> None:
         request, negotiated, max_pdu_length=max_pdu, extended_negotiation=extended
     )
     assert ours_ac == theirs
-    # And the requestor side (pynetdicom) reads it back.
+    # And the requestor side (pynetdicom, and our own decoder) reads it back.
     ac = A_ASSOCIATE_AC()
     ac.decode(ours_ac)
     results = ac.to_primitive().presentation_context_definition_results_list
     assert [cx.context_id for cx in results] == [d.context_id for d in negotiated.decisions]
-    assert P.decode_associate_ac(ours_ac) == ac
+    decoded = P.decode_associate_ac(ours_ac)
+    assert decoded == reference_decode_ac(ours_ac)
+    assert decoded.contexts == tuple(
+        ContextResult(d.context_id, d.result, d.transfer_syntax if d.result == 0 else "")
+        for d in negotiated.decisions
+    )
+    assert decoded.roles == negotiated.role_replies
+    assert decoded.extended_negotiation == extended
 
 
 def test_role_reply_refusing_both_roles() -> None:
@@ -492,3 +507,385 @@ def test_non_conformant_implementation_class_uid_is_taken_as_it_is() -> None:
     raw = simple_rq(user=[ic])
     assert acse_codec.decode_rq(raw).implementation_class_uid == "1.2.3.4.VENDOR"
     assert acse_codec.decode_rq(raw) == reference(raw)
+
+
+# --- the requestor's side: A-ASSOCIATE-RQ encoding ----------------------------------------------
+
+
+@st.composite
+def proposals(draw: st.DrawFn) -> dict:
+    """The arguments of ``encode_rq`` (those ``associate()`` passes)."""
+    ids = draw(st.lists(st.integers(0, 127), min_size=1, max_size=6, unique=True))
+    contexts = [
+        ProposedContext(
+            2 * i + 1, draw(any_uid), tuple(draw(st.lists(any_uid, min_size=1, max_size=4)))
+        )
+        for i in ids
+    ]
+    roles = {
+        uid: draw(st.sampled_from([(True, False), (False, True), (True, True)]))
+        for uid in draw(st.lists(any_uid, max_size=3))
+    }
+    extended = {uid: draw(st.binary(max_size=8)) for uid in draw(st.lists(any_uid, max_size=3))}
+    identity = None
+    if draw(st.booleans()):
+        kind = draw(st.integers(1, 5))
+        identity = UserIdentity(
+            kind,
+            draw(st.binary(min_size=1, max_size=20)),
+            draw(st.binary(min_size=1, max_size=20)) if kind == 2 else b"",
+            draw(st.booleans()),
+        )
+    return {
+        "calling_ae": draw(ae_titles),
+        "called_ae": draw(ae_titles),
+        "contexts": contexts,
+        "max_pdu_length": draw(st.integers(0, 2**32 - 1)),
+        "roles": draw(st.sampled_from([None, roles])),
+        "extended_negotiation": draw(st.sampled_from([None, extended])),
+        "user_identity": identity,
+    }
+
+
+@given(proposals())
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_request_bytes_equal_pynetdicom_encoding(kw: dict) -> None:
+    raw = acse_codec.encode_rq(**kw)
+    assert raw == reference_encode_rq(**kw)
+    # And our acceptor reads back what was proposed.
+    request = acse_codec.decode_rq(raw)
+    assert request.contexts == tuple(
+        ProposedContext(c.context_id, c.abstract_syntax, tuple(dict.fromkeys(c.transfer_syntaxes)))
+        for c in kw["contexts"]
+    )
+    assert request.roles == (kw["roles"] or {})
+    assert request.extended_negotiation == (kw["extended_negotiation"] or {})
+    assert request.user_identity == kw["user_identity"]
+    assert (request.calling_ae, request.called_ae) == (
+        kw["calling_ae"].strip(),
+        kw["called_ae"].strip(),
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"calling_ae": ""},
+        {"calling_ae": "A" * 17},
+        {"called_ae": "    "},
+        {"called_ae": "A\\B"},
+        {"called_ae": "A\nB"},
+        {"calling_ae": "ÄRZTE"},
+        {"contexts": []},
+        {"contexts": [ProposedContext(2, VERIFICATION, (IMPLICIT,))]},
+        {"contexts": [ProposedContext(257, VERIFICATION, (IMPLICIT,))]},
+        {"contexts": [ProposedContext(1, VERIFICATION, (IMPLICIT,))] * 2},
+        {"contexts": [ProposedContext(1, VERIFICATION, ())]},
+        {"contexts": [ProposedContext(1, "1.2.840.x", (IMPLICIT,))]},
+        {"contexts": [ProposedContext(1, "", (IMPLICIT,))]},
+        {"contexts": [ProposedContext(1, VERIFICATION, ("1." * 32 + "1",))]},
+        {"max_pdu_length": -1},
+        {"max_pdu_length": 2**32},
+        {"roles": {VERIFICATION: (False, False)}},
+        {"roles": {"1.2.x": (True, False)}},
+        {"extended_negotiation": {"": b"\x01"}},
+        {"extended_negotiation": {VERIFICATION: b"\x01" * 65530}},
+        {"user_identity": UserIdentity(0, b"alice", b"", False)},
+        {"user_identity": UserIdentity(6, b"alice", b"", False)},
+        {"user_identity": UserIdentity(1, b"a" * 65536, b"", False)},
+    ],
+    ids=lambda change: repr(change)[:60],
+)
+def test_encode_rq_refuses_bad_values(change: dict) -> None:
+    kw = {
+        "calling_ae": "SCU",
+        "called_ae": "DICOMD",
+        "contexts": [ProposedContext(1, VERIFICATION, (IMPLICIT,))],
+        "max_pdu_length": 16384,
+        **change,
+    }
+    with pytest.raises(ValueError):
+        acse_codec.encode_rq(**kw)
+
+
+# --- the requestor's side: A-ASSOCIATE-AC decoding -----------------------------------------------
+
+
+@st.composite
+def accept_pdus(draw: st.DrawFn) -> bytes:
+    """A valid A-ASSOCIATE-AC, encoded by pynetdicom."""
+    prim = A_ASSOCIATE()
+    prim.application_context_name = APPLICATION_CONTEXT_NAME
+    prim.calling_ae_title = draw(ae_titles)
+    prim.called_ae_title = draw(ae_titles)
+    prim.result = 0
+    results = []
+    for i in draw(st.lists(st.integers(0, 127), min_size=1, max_size=6, unique=True)):
+        cx = PresentationContext()
+        cx.context_id = 2 * i + 1
+        cx.result = draw(st.sampled_from([0, 0, 0, 1, 2, 3, 4]))
+        cx.transfer_syntax = [draw(any_uid)]
+        results.append(cx)
+    prim.presentation_context_definition_results_list = results
+    items: list[object] = []
+    ml = MaximumLengthNotification()
+    ml.maximum_length_received = draw(st.integers(0, 2**32 - 1))
+    items.append(ml)
+    ic = ImplementationClassUIDNotification()
+    ic.implementation_class_uid = draw(any_uid)
+    items.append(ic)
+    if draw(st.booleans()):
+        iv = ImplementationVersionNameNotification()
+        iv.implementation_version_name = draw(version_names)
+        items.append(iv)
+    if draw(st.booleans()):
+        window = AsynchronousOperationsWindowNegotiation()
+        window.maximum_number_operations_invoked = draw(st.integers(0, 65535))
+        window.maximum_number_operations_performed = draw(st.integers(0, 65535))
+        items.append(window)
+    for uid in draw(st.lists(any_uid, max_size=3)):
+        role = SCP_SCU_RoleSelectionNegotiation()
+        role.sop_class_uid = uid
+        role.scu_role, role.scp_role = draw(
+            st.sampled_from([(True, False), (False, True), (True, True)])
+        )
+        items.append(role)
+    for uid in draw(st.lists(any_uid, max_size=2)):
+        ext = SOPClassExtendedNegotiation()
+        ext.sop_class_uid = uid
+        ext.service_class_application_information = draw(st.binary(max_size=8))
+        items.append(ext)
+    if draw(st.booleans()):
+        ui = UserIdentityNegotiation()
+        ui.server_response = draw(st.binary(max_size=20))
+        items.append(ui)
+    prim.user_information = draw(st.permutations(items))  # type: ignore[assignment]
+    raw = bytes(A_ASSOCIATE_AC(prim).encode())
+    if draw(st.booleans()):  # a sub-item of a later edition: skipped (PS3.8 D.2 note 2)
+        raw = with_user_sub_items(raw, bytes((draw(st.integers(0x5A, 0xFF)), 0, 0, 2)) + b"ab")
+    return raw
+
+
+def reference_ac(raw: bytes) -> AssociateAC | Exception:
+    try:
+        return reference_decode_ac(raw)
+    except Exception as exc:  # the reference's failures are outcomes here
+        return exc
+
+
+def ours_ac(raw: bytes) -> AssociateAC | acse_codec.PduError:
+    try:
+        return acse_codec.decode_ac(raw)
+    except acse_codec.PduError as exc:
+        return exc
+
+
+@given(accept_pdus())
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_valid_accepts_decode_like_pynetdicom(raw: bytes) -> None:
+    expected = reference_ac(raw)
+    assert isinstance(expected, AssociateAC), expected
+    assert acse_codec.decode_ac(raw) == expected
+    assert acse_codec.decode_ac(memoryview(raw)) == expected
+    assert P.decode_associate_ac(memoryview(raw)) == expected
+
+
+@st.composite
+def mangled_accepts(draw: st.DrawFn) -> bytes:
+    raw = bytearray(draw(accept_pdus()))
+    how = draw(st.sampled_from(["flip", "flip", "flip", "truncate", "insert"]))
+    if how == "flip":
+        for _ in range(draw(st.integers(1, 3))):
+            i = draw(st.integers(6, len(raw) - 1))
+            raw[i] = draw(st.one_of(st.integers(0, 255), st.sampled_from(b"\x00 .0\x01\x02\xff")))
+    elif how == "truncate":
+        del raw[draw(st.integers(6, len(raw) - 1)) :]
+    else:
+        i = draw(st.integers(74, len(raw)))
+        raw[i:i] = draw(st.binary(min_size=1, max_size=6))
+    if draw(st.booleans()):  # keep the PDU-length consistent
+        struct.pack_into(">I", raw, 2, len(raw) - 6)
+    return bytes(raw)
+
+
+@given(mangled_accepts())
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_mangled_accepts_are_refused_at_least_as_strictly(raw: bytes) -> None:
+    mine = ours_ac(raw)  # anything but PduError escapes and fails the test
+    theirs = reference_ac(raw)
+    if isinstance(mine, AssociateAC):
+        assert mine == theirs
+    elif isinstance(theirs, acse_codec.PduError):
+        assert mine.reason == theirs.reason, (mine, theirs)
+
+
+@given(st.binary(max_size=400))
+@settings(max_examples=300, deadline=None)
+def test_garbage_accepts_never_escape_as_anything_but_pdu_error(tail: bytes) -> None:
+    for head in (b"", b"\x02\x00\x00\x00\x00\x00\x00\x01" + b"A" * 16 + b"B" * 16 + bytes(32)):
+        try:
+            acse_codec.decode_ac(head + tail)
+        except acse_codec.PduError:
+            pass
+
+
+def simple_ac(*results: tuple[int, int, bytes | None], user: bytes = b"") -> bytes:
+    """An A-ASSOCIATE-AC built by hand: (context ID, result, transfer syntax or None)."""
+    items = b"\x10\x00" + struct.pack(">H", len(APPLICATION_CONTEXT_NAME))
+    items += APPLICATION_CONTEXT_NAME.encode()
+    for context_id, result, ts in results:
+        sub = b"" if ts is None else b"\x40\x00" + struct.pack(">H", len(ts)) + ts
+        items += b"\x21\x00" + struct.pack(">H", 4 + len(sub)) + bytes((context_id, 0, result, 0))
+        items += sub
+    user = b"\x51\x00\x00\x04\x00\x00\x40\x00" + user
+    items += b"\x50\x00" + struct.pack(">H", len(user)) + user
+    body = b"\x00\x01\x00\x00" + b"DICOMD".ljust(16) + b"SCU".ljust(16) + bytes(32) + items
+    return struct.pack(">BxI", 2, len(body)) + body
+
+
+def ac_refused(raw: bytes, reason: int = ABORT_REASON_INVALID_PDU_PARAMETER) -> str:
+    with pytest.raises(acse_codec.PduError) as exc:
+        acse_codec.decode_ac(raw)
+    assert exc.value.reason == reason
+    assert str(exc.value).startswith("A-ASSOCIATE-AC")
+    return str(exc.value)
+
+
+def test_simple_accept_decodes_like_pynetdicom() -> None:
+    raw = simple_ac((1, 0, IMPLICIT.encode()), (3, 3, EXPLICIT.encode()), (5, 4, None))
+    ac = acse_codec.decode_ac(raw)
+    assert ac.contexts == (
+        ContextResult(1, 0, IMPLICIT),
+        ContextResult(3, 3, ""),
+        ContextResult(5, 4, ""),
+    )
+    assert ac.max_pdu_length == 16384
+    assert ac == reference_decode_ac(raw)
+
+
+def test_accepted_context_without_transfer_syntax_is_refused() -> None:
+    raw = simple_ac((1, 0, None))
+    assert isinstance(reference_ac(raw), IndexError)  # the old parse_accept crashed
+    assert "0 transfer syntaxes" in ac_refused(raw)
+
+
+def test_accepted_context_with_two_transfer_syntaxes_is_refused() -> None:
+    raw = bytearray(simple_ac((1, 0, IMPLICIT.encode())))
+    ts = b"\x40\x00" + struct.pack(">H", len(EXPLICIT)) + EXPLICIT.encode()
+    at = raw.index(b"\x50\x00", 74)
+    raw[at:at] = ts
+    context = raw.index(b"\x21\x00", 74)
+    struct.pack_into(
+        ">H", raw, context + 2, struct.unpack_from(">H", raw, context + 2)[0] + len(ts)
+    )
+    struct.pack_into(">I", raw, 2, len(raw) - 6)
+    assert "2 transfer syntaxes" in ac_refused(bytes(raw))
+
+
+@pytest.mark.parametrize(
+    ("results", "message"),
+    [
+        (((2, 0, IMPLICIT.encode()),), "not odd"),
+        (((1, 5, IMPLICIT.encode()),), "result 5"),
+        (((1, 0, b"1.2.840.x"),), "not a UID"),
+        (((1, 0, b""),), "empty"),
+        (((1, 3, b"1." * 40),), "0-64 ASCII"),
+    ],
+)
+def test_bad_context_results_are_refused(results: tuple, message: str) -> None:
+    assert message in ac_refused(simple_ac(*results))
+
+
+def test_rejected_contexts_transfer_syntax_is_not_tested() -> None:
+    raw = simple_ac((1, 0, IMPLICIT.encode()), (3, 3, b"not a UID"))
+    assert acse_codec.decode_ac(raw).contexts[1] == ContextResult(3, 3, "")
+    assert acse_codec.decode_ac(raw) == reference_decode_ac(raw)
+
+
+def test_accept_structure_faults() -> None:
+    rq_context = b"\x20\x00\x00\x08\x01\x00\x00\x00\x30\x00\x00\x00"
+    raw = bytearray(simple_ac((1, 0, IMPLICIT.encode())))
+    raw += rq_context  # a request's presentation context item in an AC
+    struct.pack_into(">I", raw, 2, len(raw) - 6)
+    ac_refused(bytes(raw), ABORT_REASON_UNRECOGNIZED_PDU_PARAMETER)
+    assert isinstance(reference_ac(bytes(raw)), P.PduError)
+    abstract = b"\x30\x00\x00\x03" + b"1.2"
+    raw = bytearray(simple_ac((1, 0, IMPLICIT.encode())))
+    context = raw.index(b"\x21\x00", 74)
+    raw[context + 8 : context + 8] = abstract
+    struct.pack_into(">H", raw, context + 2, struct.unpack_from(">H", raw, context + 2)[0] + 7)
+    struct.pack_into(">I", raw, 2, len(raw) - 6)
+    ac_refused(bytes(raw), ABORT_REASON_UNRECOGNIZED_PDU_PARAMETER)
+    ac_refused(simple_ac((1, 0, IMPLICIT.encode()))[:-3])  # overruns the PDU
+    ac_refused(simple_ac((1, 0, IMPLICIT.encode()))[:70])
+    ac_refused(simple_ac((1, 0, IMPLICIT.encode()), user=b"\x54\x00\x00\x09\x00\x09abc"))
+
+
+def test_accept_user_information_replies() -> None:
+    uid = VERIFICATION.encode()
+    user = (
+        b"\x52\x00"
+        + struct.pack(">H", len(uid))
+        + uid  # implementation class UID
+        + b"\x55\x00\x00\x09OFFIS_367"
+        + b"\x54\x00"
+        + struct.pack(">H", len(uid) + 4)
+        + struct.pack(">H", len(uid))
+        + uid
+        + b"\x00\x01"
+        + b"\x56\x00"
+        + struct.pack(">H", len(uid) + 3)
+        + struct.pack(">H", len(uid))
+        + uid
+        + b"\x01"
+        + b"\x59\x00\x00\x07\x00\x05token"
+        + b"\x7a\x00\x00\x01z"  # a later edition's sub-item: skipped
+    )
+    raw = simple_ac((1, 0, IMPLICIT.encode()), user=user)
+    ac = acse_codec.decode_ac(raw)
+    assert ac.implementation_class_uid == VERIFICATION
+    assert ac.implementation_version_name == "OFFIS_367"
+    assert ac.roles == {VERIFICATION: (False, True)}
+    assert ac.extended_negotiation == {VERIFICATION: b"\x01"}
+    assert ac.user_identity_response == b"token"
+    assert ac == reference_decode_ac(raw)
+    for bad in (b"\x59\x00\x00\x01\x00", b"\x59\x00\x00\x04\x00\x05ab"):
+        ac_refused(simple_ac((1, 0, IMPLICIT.encode()), user=bad))
+
+
+def test_parse_accept_matches_the_proposal() -> None:
+    from dicomd.net.negotiation import AcceptedContext, parse_accept
+
+    uid = CT_STORAGE.encode()
+    user = (
+        b"\x54\x00"
+        + struct.pack(">H", len(uid) + 4)
+        + struct.pack(">H", len(uid))
+        + uid
+        + b"\x00\x01"
+        + b"\x56\x00"
+        + struct.pack(">H", len(uid) + 3)
+        + struct.pack(">H", len(uid))
+        + uid
+        + b"\x01"
+    )
+    raw = simple_ac(
+        (1, 0, IMPLICIT.encode()),
+        (3, 0, EXPLICIT.encode()),
+        (5, 3, None),
+        (9, 0, IMPLICIT.encode()),  # never proposed: ignored
+        user=user,
+    )
+    proposed = [
+        ProposedContext(1, VERIFICATION, (IMPLICIT,)),
+        ProposedContext(3, CT_STORAGE, (EXPLICIT, IMPLICIT)),
+        ProposedContext(5, "1.2.3", (IMPLICIT,)),
+    ]
+    accept = parse_accept(acse_codec.decode_ac(raw), proposed)
+    assert accept.accepted == {
+        1: AcceptedContext(1, VERIFICATION, IMPLICIT, True, False),
+        3: AcceptedContext(3, CT_STORAGE, EXPLICIT, False, True),
+    }
+    assert accept.rejected == {5: 3}
+    assert accept.extended_negotiation == {CT_STORAGE: b"\x01"}
+    assert accept.roles == {CT_STORAGE: (False, True)}

@@ -9,23 +9,23 @@ import subprocess
 import sys
 
 import pytest
+from acse_reference import reference_encode_rq
 from conftest import Dicomd, base_config, free_port, recv_pdu
 
 from dicomd.net.dimse import VERIFICATION as VERIFICATION_SOP_CLASS
 from dicomd.net.dimse import c_echo_rq, encode_command
-from dicomd.net.negotiation import ProposedContext, build_request
+from dicomd.net.negotiation import ProposedContext
 
 IMPLICIT = "1.2.840.10008.1.2"
 
 
 def associate_rq_bytes(called: str = "DICOMD") -> bytes:
-    rq = build_request(
+    return reference_encode_rq(
         calling_ae="RAWTEST",
         called_ae=called,
         contexts=[ProposedContext(1, VERIFICATION_SOP_CLASS, (IMPLICIT,))],
         max_pdu_length=16384,
     )
-    return bytes(rq.encode())
 
 
 def pdata(context_id: int, control: int, payload: bytes) -> bytes:

@@ -11,7 +11,7 @@ import struct
 from collections.abc import Callable
 
 import pytest
-from acse_reference import reference_decode_rq
+from acse_reference import reference_decode_ac, reference_decode_rq
 from pdu_fixtures import make_ac, make_rq
 from pynetdicom.fsm import TRANSITION_TABLE as PS38_TABLE_9_10
 
@@ -362,7 +362,8 @@ def associate() -> tuple[UpperLayer, UpperLayer]:
     assert acc.state is S.Sta3
     assert acc.associate_accept(make_ac()) == []
     ev = pipe(acc, req)
-    assert types(ev) == [AssociateAccepted] and ev[0].accept == make_ac()
+    assert types(ev) == [AssociateAccepted]
+    assert ev[0].accept == reference_decode_ac(make_ac().encode())
     assert req.state is S.Sta6 and acc.state is S.Sta6
     assert req.is_established and acc.is_established and req.can_send_data
     return req, acc

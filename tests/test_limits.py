@@ -120,19 +120,21 @@ def test_dimse_timeout_aborts_stalled_message(dicomd: Dicomd, tmp_path: Path) ->
     """A command whose last fragment never comes is aborted after dimse_timeout."""
     import struct
 
+    from acse_reference import reference_encode_rq
+
     from dicomd.net.dimse import c_echo_rq, encode_command
-    from dicomd.net.negotiation import ProposedContext, build_request
+    from dicomd.net.negotiation import ProposedContext
 
     port = free_port()
     dicomd.start(base_config(tmp_path, port, limits={"dimse_timeout": 1, "idle_timeout": 60}))
-    rq = build_request(
+    rq = reference_encode_rq(
         calling_ae="STALL",
         called_ae="DICOMD",
         contexts=[ProposedContext(1, VERIFICATION, (IMPLICIT,))],
         max_pdu_length=16384,
     )
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(bytes(rq.encode()))
+        sock.sendall(rq)
         assert recv_pdu(sock)[0] == 0x02
         command = encode_command(c_echo_rq(1))[:20]
         pdv = struct.pack(">IBB", len(command) + 2, 1, 0x01) + command  # not the last fragment

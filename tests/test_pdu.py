@@ -7,7 +7,7 @@ import struct
 
 import pdu_fixtures as fixtures
 import pytest
-from acse_reference import reference_decode_rq
+from acse_reference import reference_decode_ac, reference_decode_rq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -318,8 +318,10 @@ def test_associate_rq_decodes_like_pynetdicom() -> None:
 
 
 def test_associate_ac_rj_round_trip() -> None:
-    ac = make_ac()
-    assert P.decode_associate_ac(P.encode_associate(ac)) == ac
+    raw_ac = P.encode_associate(make_ac())
+    ac = P.decode_associate_ac(raw_ac)
+    assert ac == reference_decode_ac(raw_ac)
+    assert ac.max_pdu_length == 16384 and ac.contexts[0].transfer_syntax == fixtures.IMPLICIT
     rj = P.make_associate_rj(1, 1, 7)
     raw = P.encode_associate(rj)
     assert raw == bytes.fromhex("03000000000400010107")

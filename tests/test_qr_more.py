@@ -748,3 +748,162 @@ def test_pynetdicom_cyrillic_queries(server: Server, query_charset: str) -> None
         assert [a.PatientID for a in answers] == ["RU2"]
     finally:
         assoc.release()
+
+
+# --- dicomd find | move | get --relational ----------------------------------------------------
+
+
+def dicomd_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "dicomd", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_cli_relational_find_move_get(server: Server, tmp_path: Path) -> None:
+    """IMAGE level with only the Patient ID (find) or the SOP Instance UIDs (move, get):
+    hierarchical Q/R refuses it with 0xA900, --relational negotiates it and it works."""
+    rel = [i for i in server.instances if i.patient_id == "REL"]
+    port = str(server.port)
+    find = ("find", "127.0.0.1", port, "--aec", "DICOMD", "--level", "IMAGE", "--json",
+            "-k", "PatientID=REL", "-k", "SOPInstanceUID", "-k", "SeriesInstanceUID")  # fmt: skip
+    result = dicomd_cli(*find)
+    assert result.returncode == 1 and "0xA900" in result.stderr, result
+    result = dicomd_cli(*find, "--relational")
+    assert result.returncode == 0, result.stderr
+    import json
+
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert {r["SOPInstanceUID"] for r in rows} == {i.sop_uid for i in rel}
+    assert {r["SeriesInstanceUID"] for r in rows} == {i.series_uid for i in rel}
+
+    wanted = [rel[0], rel[-1]]  # two series
+    key = "SOPInstanceUID=" + "\\".join(i.sop_uid for i in wanted)
+    move = ("move", "127.0.0.1", port, "--aec", "DICOMD", "--dest", "PYSCP", "--level",
+            "IMAGE", "-k", key)  # fmt: skip
+    before = set(server.pyscp.received)
+    result = dicomd_cli(*move)
+    assert result.returncode == 1 and "0xA900" in result.stderr, result
+    assert set(server.pyscp.received) == before
+    for inst in wanted:
+        server.pyscp.received.pop(inst.sop_uid, None)
+    result = dicomd_cli(*move, "--relational")
+    assert result.returncode == 0, result.stderr
+    assert "completed=2" in result.stderr
+    assert {i.sop_uid for i in wanted} <= set(server.pyscp.received)
+
+    out = tmp_path / "got"
+    get = ("get", "127.0.0.1", port, "--aec", "DICOMD", "-o", str(out), "--level", "IMAGE",
+           "-k", key)  # fmt: skip
+    result = dicomd_cli(*get)
+    assert result.returncode == 1 and "0xA900" in result.stdout + result.stderr, result
+    result = dicomd_cli(*get, "--relational")
+    assert result.returncode == 0, result.stderr
+    got = {pydicom.dcmread(p).SOPInstanceUID for p in out.iterdir()}
+    assert got == {i.sop_uid for i in wanted}
+    server.dicomd.wait_for_log("qr_find", relational=True, query_level="IMAGE")
+
+
+DCMQRSCP_CONFIG = """\
+NetworkTCPPort  = {port}
+MaxPDUSize      = 16384
+MaxAssociations = 16
+
+HostTable BEGIN
+HostTable END
+
+VendorTable BEGIN
+VendorTable END
+
+AETable BEGIN
+DCMQRSCP   {storage}   RW (10, 1024mb)   ANY
+AETable END
+"""
+
+
+@pytest.fixture
+def dcmqrscp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """DCMTK's dcmqrscp (which does not do relational Q/R): (port, its log). Forking mode:
+    dcmqrscp 3.6.7 crashes after an association in --single-process mode."""
+    program = require_program("dcmqrscp")
+    port = free_port()
+    storage = tmp_path / "dcmqrscp-db"
+    storage.mkdir()
+    config = tmp_path / "dcmqrscp.cfg"
+    config.write_text(DCMQRSCP_CONFIG.format(port=port, storage=storage))
+    log = tmp_path / "dcmqrscp.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([program, "-v", "-c", str(config)], stdout=out, stderr=out)
+    try:
+        wait_for_port(port, proc=proc)
+        yield port, log
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_cli_relational_refused_by_dcmqrscp(dcmqrscp: tuple[int, Path], tmp_path: Path) -> None:
+    """dcmqrscp does not answer the extended negotiation: --relational stops with exit
+    status 2 and a clear message before any request is sent."""
+    port, log = dcmqrscp
+    common = ("127.0.0.1", str(port), "--aec", "DCMQRSCP", "--level", "IMAGE")
+    for command, extra, what in (
+        ("find", ("-k", "PatientID=REL"), "relational queries"),
+        ("move", ("--dest", "ELSEWHERE", "-k", "SOPInstanceUID=1.2.3"), "relational retrieval"),
+        (
+            "get",
+            ("-o", str(tmp_path / "got"), "-k", "SOPInstanceUID=1.2.3"),
+            "relational retrieval",
+        ),
+    ):
+        result = dicomd_cli(command, *common, *extra, "--relational")
+        assert result.returncode == 2, result
+        assert f"does not support {what}" in result.stderr
+        assert "nothing was sent" in result.stderr
+    # The peer works: the same find without --relational reaches it (dcmqrscp answers it
+    # hierarchically), and it is the only C-FIND dcmqrscp ever received.
+    result = dicomd_cli("find", *common, "-k", "PatientID=REL")
+    assert result.returncode in (0, 1), result
+    deadline = time.monotonic() + 10
+    while "Received Find SCP" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = log.read_text()
+    assert text.count("Received Find SCP") == 1, text
+    assert "Received Move SCP" not in text and "Received Get SCP" not in text
+
+
+def test_cli_relational_declined_by_pynetdicom() -> None:
+    """A pynetdicom SCP that answers the extended negotiation with 0 (declined): exit
+    status 2, and its C-FIND handler never runs."""
+    from pynetdicom import AE, evt
+
+    calls: list[object] = []
+
+    def on_extended(event: Any) -> dict[str, bytes]:
+        return {uid: b"\x00" for uid in event.app_info}
+
+    def on_find(event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        calls.append(event)
+        yield 0x0000, None
+
+    ae = AE(ae_title="PYQR")
+    ae.add_supported_context(STUDY_ROOT_FIND, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    port = free_port()
+    scp = ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[(evt.EVT_SOP_EXTENDED, on_extended), (evt.EVT_C_FIND, on_find)],
+    )
+    try:
+        common = ("find", "127.0.0.1", str(port), "--aec", "PYQR", "-k", "PatientID=REL")
+        result = dicomd_cli(*common, "--relational")
+        assert result.returncode == 2, result
+        assert "does not support relational queries" in result.stderr
+        assert "reply 00" in result.stderr
+        assert calls == []
+        result = dicomd_cli(*common)
+        assert result.returncode == 0, result
+        assert len(calls) == 1
+    finally:
+        scp.shutdown()

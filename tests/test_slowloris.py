@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+from acse_reference import reference_encode_rq
 from conftest import Dicomd, base_config, free_port, recv_pdu, wait_for_port
 
 from dicomd.association import associate
 from dicomd.net.dimse import VERIFICATION
-from dicomd.net.negotiation import ProposedContext, build_request
+from dicomd.net.negotiation import ProposedContext
 
 trustme = pytest.importorskip("trustme")
 
@@ -26,13 +27,12 @@ ACSE_TIMEOUT = 2.0
 
 
 def rq_bytes() -> bytes:
-    rq = build_request(
+    return reference_encode_rq(
         calling_ae="SLOWLORIS",
         called_ae="DICOMD",
         contexts=[ProposedContext(1, VERIFICATION, (IMPLICIT,))],
         max_pdu_length=16384,
     )
-    return bytes(rq.encode())
 
 
 async def open_stream(port: int, source: str, tls: ssl.SSLContext | None = None):  # type: ignore[no-untyped-def]

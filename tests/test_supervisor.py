@@ -15,9 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from acse_reference import reference_encode_rq
 from conftest import Dicomd, base_config, free_port, recv_pdu, require_root, wait_for_port
 
-from dicomd.net.negotiation import ProposedContext, build_request
+from dicomd.net.negotiation import ProposedContext
 
 
 class NotifySocket:
@@ -135,13 +136,13 @@ def test_reload_swaps_config_for_new_associations(dicomd: Dicomd, tmp_path: Path
 
 def _associate_raw(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    rq = build_request(
+    rq = reference_encode_rq(
         calling_ae="HOLDER",
         called_ae="DICOMD",
         contexts=[ProposedContext(1, "1.2.840.10008.1.1", ("1.2.840.10008.1.2",))],
         max_pdu_length=16384,
     )
-    sock.sendall(bytes(rq.encode()))
+    sock.sendall(rq)
     assert recv_pdu(sock)[0] == 0x02
     return sock
 

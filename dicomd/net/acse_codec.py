@@ -36,7 +36,8 @@ a presentation context's transfer syntaxes keep their order without repeats.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 from dicomd import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicomd.net.events import (
@@ -45,7 +46,9 @@ from dicomd.net.events import (
 )
 from dicomd.net.negotiation import (
     APPLICATION_CONTEXT_NAME,
+    AssociateAC,
     AssociationRequest,
+    ContextResult,
     Negotiated,
     ProposedContext,
     UserIdentity,
@@ -55,9 +58,11 @@ __all__ = [
     "AssociateRJ",
     "PduError",
     "ProtocolVersionNotSupported",
+    "decode_ac",
     "decode_rj",
     "decode_rq",
     "encode_ac",
+    "encode_rq",
 ]
 
 
@@ -116,10 +121,20 @@ _PDU_HEADER = struct.Struct(">BxI")
 _UID_CHARACTERS = b"0123456789."
 _MAX_UID_LENGTH = 64
 _MAX_AE_LENGTH = 16
+_RESULT_MAX = 4  # transfer-syntaxes-not-supported (PS3.8 table 9-18)
+
+
+class _ValueFault(PduError):
+    """A value fault found by the helpers shared by the RQ and AC decoders; the decoder
+    names the PDU (``_named``)."""
 
 
 def _invalid(what: str) -> PduError:
-    return PduError(f"A-ASSOCIATE-RQ: {what}")
+    return _ValueFault(what)
+
+
+def _named(exc: _ValueFault, name: str) -> PduError:
+    return PduError(f"{name}: {exc}", exc.reason)
 
 
 # --- values -------------------------------------------------------------------------------
@@ -216,21 +231,25 @@ def _items(data: bytes, off: int, end: int, where: str) -> _Items:
     return items
 
 
-def _structure(data: bytes) -> tuple[_Items, list[_Items], _Items]:
+def _structure(
+    data: bytes, where: str, context_type: int, context_sub_items: tuple[int, ...]
+) -> tuple[_Items, list[_Items], _Items]:
     """Walk every item and sub-item first, so that a structural fault is reported as such
-    (reason 4 or 6) whatever faulty value may precede it."""
-    where = "A-ASSOCIATE-RQ"
+    (reason 4 or 6) whatever faulty value may precede it. ``context_type`` is the
+    presentation context item of this PDU (0x20 in an RQ, 0x21 in an AC), holding only
+    ``context_sub_items``."""
     top = _items(data, _ITEMS_OFFSET, len(data), where)
     context_subs: list[_Items] = []
     user_subs: _Items = []
     for item_type, start, stop in top:
-        if item_type == _PRESENTATION_CONTEXT_RQ:
-            # Presentation context ID, reserved (3), then the sub-items.
+        if item_type == context_type:
+            # Presentation context ID, reserved (RQ) or result/reason (AC), reserved (2),
+            # then the sub-items.
             if stop - start < 4:
                 raise PduError(f"{where}: presentation context item too short")
             subs = _items(data, start + 4, stop, f"{where} context")
             for sub_type, _, _ in subs:
-                if sub_type != _ABSTRACT_SYNTAX and sub_type != _TRANSFER_SYNTAX:
+                if sub_type not in context_sub_items:
                     raise PduError(
                         f"{where}: sub-item 0x{sub_type:02X} in a presentation context",
                         ABORT_REASON_UNRECOGNIZED_PDU_PARAMETER,
@@ -261,7 +280,16 @@ def decode_rq(pdu: bytes | memoryview) -> AssociationRequest:
         raise ProtocolVersionNotSupported(version)
     if size < _ITEMS_OFFSET:
         raise PduError("A-ASSOCIATE-RQ shorter than its 68-byte fixed part")
-    top, context_subs, user_subs = _structure(data)
+    try:
+        return _decode_rq(data)
+    except _ValueFault as exc:
+        raise _named(exc, "A-ASSOCIATE-RQ") from None
+
+
+def _decode_rq(data: bytes) -> AssociationRequest:
+    top, context_subs, user_subs = _structure(
+        data, "A-ASSOCIATE-RQ", _PRESENTATION_CONTEXT_RQ, (_ABSTRACT_SYNTAX, _TRANSFER_SYNTAX)
+    )
 
     called_ae = _ae_title(data[10:26], "called")
     calling_ae = _ae_title(data[26:42], "calling")
@@ -276,6 +304,42 @@ def decode_rq(pdu: bytes | memoryview) -> AssociationRequest:
             if application_context is None:
                 application_context = name
 
+    user = _user_information(data, user_subs, in_request=True)
+    max_pdu, impl_uid, impl_version, roles, extended, common, identity, window, _ = user
+    return AssociationRequest(
+        calling_ae,
+        called_ae,
+        application_context or "",
+        tuple(contexts),
+        max_pdu,
+        impl_uid,
+        impl_version,
+        roles,
+        extended,
+        common,
+        identity,
+        window,
+    )
+
+
+class _UserInformation(NamedTuple):
+    max_pdu: int
+    implementation_uid: str
+    implementation_version: str
+    roles: dict[str, tuple[bool, bool]]
+    extended: dict[str, bytes]
+    common: dict[str, tuple[str, tuple[str, ...]]]
+    identity: UserIdentity | None
+    window: tuple[int, int] | None
+    identity_response: bytes | None
+
+
+def _user_information(data: bytes, user_subs: _Items, in_request: bool) -> _UserInformation:
+    """The user information sub-items (PS3.8 D.1, PS3.7 D.3.3) of an RQ or an AC. Every
+    sub-item of a type defined for either PDU is checked wherever it appears (the old
+    pynetdicom path decoded them all); the last of each kind counts. A role selection or
+    extended negotiation sub-item names a SOP class: an empty UID is refused (pynetdicom
+    read a zero UID-length as "the rest of the sub-item")."""
     max_pdu = 0
     impl_uid = impl_version = ""
     roles: dict[str, tuple[bool, bool]] = {}
@@ -283,6 +347,7 @@ def decode_rq(pdu: bytes | memoryview) -> AssociationRequest:
     common: dict[str, tuple[str, tuple[str, ...]]] = {}
     identity: UserIdentity | None = None
     window: tuple[int, int] | None = None
+    response: bytes | None = None
     for sub_type, start, stop in user_subs:
         if sub_type == _MAXIMUM_LENGTH:
             if stop - start != 4:
@@ -299,35 +364,28 @@ def decode_rq(pdu: bytes | memoryview) -> AssociationRequest:
             scu, scp = data[end], data[end + 1]
             if scu > 1 or scp > 1:
                 raise _invalid(f"role selection values {scu}/{scp} (0 or 1)")
-            roles[_uid(uid, "role selection SOP class UID")] = (scu == 1, scp == 1)
+            roles[_uid(uid, "role selection SOP class UID", False)] = (scu == 1, scp == 1)
         elif sub_type == _ASYNC_OPERATIONS_WINDOW:
             if stop - start < 4:
                 raise _invalid("asynchronous operations window sub-item too short")
             window = _U16_PAIR.unpack_from(data, start)
         elif sub_type == _SOP_CLASS_EXTENDED:
             uid, end = _length_prefixed(data, start, stop, "extended negotiation SOP class UID")
-            extended[_uid(uid, "extended negotiation SOP class UID")] = data[end:stop]
+            extended[_uid(uid, "extended negotiation SOP class UID", False)] = data[end:stop]
         elif sub_type == _SOP_CLASS_COMMON_EXTENDED:
             sop_class, service_class, related = _common_extended(data, start, stop)
             common[sop_class] = (service_class, related)
         elif sub_type == _USER_IDENTITY_RQ:
             identity = _user_identity(data, start, stop)
-        # Anything else (0x59, the acceptor's user identity answer, or a sub-item of a
-        # later edition) means nothing in a request: skipped, PS3.8 D.2 note 2.
-
-    return AssociationRequest(
-        calling_ae,
-        called_ae,
-        application_context or "",
-        tuple(contexts),
-        max_pdu,
-        impl_uid,
-        impl_version,
-        roles,
-        extended,
-        common,
-        identity,
-        window,
+        elif sub_type == _USER_IDENTITY_AC and not in_request:
+            # Server-response-length (2), server response (PS3.7 D.3.3.7.2).
+            response, end = _length_prefixed(data, start, stop, "user identity server response")
+            if end != stop:
+                raise _invalid(f"user identity: {stop - end} bytes after the server response")
+        # Anything else (0x59 in a request, where it means nothing, or a sub-item of a
+        # later edition) is skipped, PS3.8 D.2 note 2.
+    return _UserInformation(
+        max_pdu, impl_uid, impl_version, roles, extended, common, identity, window, response
     )
 
 
@@ -473,6 +531,205 @@ def encode_ac(
     body_length = sum(map(len, parts))
     parts[0] = _PDU_HEADER.pack(0x02, body_length)
     return b"".join(parts)
+
+
+# --- A-ASSOCIATE-RQ (requestor) -------------------------------------------------------------
+
+
+def _ae_title_field(title: str, what: str) -> bytes:
+    """A local AE title for an RQ: 1-16 characters of the AE repertoire, not all spaces,
+    sent as given and space padded (as pynetdicom did)."""
+    if (
+        not isinstance(title, str)
+        or not 0 < len(title) <= _MAX_AE_LENGTH
+        or not title.strip()
+        or not title.isascii()
+        or not title.isprintable()
+        or "\\" in title
+    ):
+        raise ValueError(
+            f"{what} AE title {title!r} is not 1-16 characters of ASCII without control "
+            "characters or backslash (and not all spaces)"
+        )
+    return title.ljust(_MAX_AE_LENGTH).encode("ascii")
+
+
+def _uid_field(uid: str, what: str) -> bytes:
+    """A UID we send: 1-64 characters of digits and dots (PS3.5 9.1), no padding (PS3.8
+    annex F: UIDs in the association PDUs are not padded)."""
+    value = uid.encode("ascii", "replace") if isinstance(uid, str) else b"\\"
+    if not 0 < len(value) <= _MAX_UID_LENGTH or value.translate(None, _UID_CHARACTERS):
+        raise ValueError(f"{what} {uid!r} is not a UID (1-64 digits and dots)")
+    return value
+
+
+def _sized_item(item_type: int, value: bytes, what: str) -> bytes:
+    if len(value) > 0xFFFF:
+        raise ValueError(f"{what} of {len(value)} bytes does not fit an item (at most 65535)")
+    return _ITEM_HEADER.pack(item_type, len(value)) + value
+
+
+def _length_prefix(value: bytes, what: str) -> bytes:
+    if len(value) > 0xFFFF:
+        raise ValueError(f"{what} of {len(value)} bytes is longer than 65535")
+    return _U16.pack(len(value)) + value
+
+
+# The RQ's fixed parts: the application context item, and the implementation class UID and
+# version name sub-items (PS3.7 D.3.3.2), which are those of the AC.
+_RQ_RESERVED = _AC_RESERVED
+_RQ_FIXED_PREFIX = _AC_FIXED_PREFIX
+_RQ_APPLICATION_CONTEXT = _AC_APPLICATION_CONTEXT
+_RQ_IMPLEMENTATION = _AC_IMPLEMENTATION
+
+
+def encode_rq(
+    *,
+    calling_ae: str,
+    called_ae: str,
+    contexts: Sequence[ProposedContext],
+    max_pdu_length: int,
+    roles: Mapping[str, tuple[bool, bool]] | None = None,
+    extended_negotiation: Mapping[str, bytes] | None = None,
+    user_identity: UserIdentity | None = None,
+) -> bytes:
+    """The A-ASSOCIATE-RQ for our proposal (PS3.8 9.3.2), encoded; the bytes pynetdicom's
+    ``A_ASSOCIATE_RQ`` made from the same values (tests/test_acse_codec.py).
+
+    Items in order: application context, one presentation context item per proposed
+    context (abstract syntax, then the transfer syntaxes in order), user information:
+    maximum length, implementation class UID, implementation version name, then the
+    SCP/SCU role selection, SOP Class Extended Negotiation and user identity sub-items.
+    Values are the caller's: anything unfit raises ``ValueError``.
+    """
+    parts = [
+        b"",  # the PDU header, once the length is known
+        _RQ_FIXED_PREFIX,
+        _ae_title_field(called_ae, "called"),
+        _ae_title_field(calling_ae, "calling"),
+        _RQ_RESERVED,
+        _RQ_APPLICATION_CONTEXT,
+    ]
+    if not contexts:
+        raise ValueError("an A-ASSOCIATE-RQ proposes at least one presentation context")
+    seen: set[int] = set()
+    for cx in contexts:
+        context_id = cx.context_id
+        if not (isinstance(context_id, int) and 1 <= context_id <= 255 and context_id & 1):
+            raise ValueError(f"presentation context ID {context_id!r} is not odd 1-255")
+        if context_id in seen:
+            raise ValueError(f"presentation context ID {context_id} proposed twice")
+        seen.add(context_id)
+        if not cx.transfer_syntaxes:
+            raise ValueError(f"presentation context {context_id} without a transfer syntax")
+        value = [
+            bytes((context_id, 0, 0, 0)),
+            _item(_ABSTRACT_SYNTAX, _uid_field(cx.abstract_syntax, "abstract syntax")),
+        ]
+        # A transfer syntax listed twice is proposed once (as pynetdicom did).
+        value += [
+            _item(_TRANSFER_SYNTAX, _uid_field(ts, "transfer syntax"))
+            for ts in dict.fromkeys(cx.transfer_syntaxes)
+        ]
+        parts.append(_sized_item(_PRESENTATION_CONTEXT_RQ, b"".join(value), "context"))
+
+    if not (isinstance(max_pdu_length, int) and 0 <= max_pdu_length <= 0xFFFFFFFF):
+        raise ValueError(f"maximum PDU length {max_pdu_length!r} is not 0 to 2**32 - 1")
+    user = [_item(_MAXIMUM_LENGTH, _U32.pack(max_pdu_length)), _RQ_IMPLEMENTATION]
+    for uid, (scu, scp) in (roles or {}).items():
+        if not (scu or scp):
+            raise ValueError(f"role selection for {uid} proposes neither the SCU nor SCP role")
+        value = _length_prefix(_uid_field(uid, "role selection SOP class UID"), "SOP class UID")
+        user.append(_item(_ROLE_SELECTION, value + bytes((bool(scu), bool(scp)))))
+    for uid, info in (extended_negotiation or {}).items():
+        if not isinstance(info, bytes | bytearray):
+            raise ValueError(f"extended negotiation for {uid}: {info!r} is not bytes")
+        value = _length_prefix(_uid_field(uid, "extended negotiation SOP class UID"), "UID")
+        user.append(_sized_item(_SOP_CLASS_EXTENDED, value + info, "extended negotiation"))
+    if user_identity is not None:
+        kind = user_identity.kind
+        if not (isinstance(kind, int) and 1 <= kind <= 5):
+            raise ValueError(f"user identity type {kind!r} is not 1-5")
+        value = (
+            bytes((kind, 1 if user_identity.response_requested else 0))
+            + _length_prefix(user_identity.primary, "user identity primary field")
+            + _length_prefix(user_identity.secondary, "user identity secondary field")
+        )
+        user.append(_sized_item(_USER_IDENTITY_RQ, value, "user identity"))
+    parts.append(_sized_item(_USER_INFORMATION, b"".join(user), "user information"))
+    parts[0] = _PDU_HEADER.pack(0x01, sum(map(len, parts)))
+    return b"".join(parts)
+
+
+# --- A-ASSOCIATE-AC (requestor) -------------------------------------------------------------
+
+
+def decode_ac(pdu: bytes | memoryview) -> AssociateAC:
+    """Decode a whole A-ASSOCIATE-AC PDU (header included) into the plain values the
+    requestor goes on with. Raises ``PduError``.
+
+    The same structure checks as for an RQ (``_structure``; a presentation context item
+    of an AC holds only transfer syntax sub-items), and the same value checks for the
+    user information. Not tested, as PS3.8 table 9-17 says: the protocol version and the
+    AE title fields. Presentation contexts: the ID is odd, the result 0-4 (PS3.8 table
+    9-18); an accepted context carries exactly one transfer syntax, a UID; a rejected
+    one's transfer syntax is "not significant" and kept as "" (when present it is still
+    at most 64 ASCII characters, as pynetdicom required).
+    """
+    data = pdu if type(pdu) is bytes else bytes(pdu)
+    if len(data) < _ITEMS_OFFSET:
+        raise PduError("A-ASSOCIATE-AC shorter than its 68-byte fixed part")
+    try:
+        return _decode_ac(data)
+    except _ValueFault as exc:
+        raise _named(exc, "A-ASSOCIATE-AC") from None
+
+
+def _decode_ac(data: bytes) -> AssociateAC:
+    top, context_subs, user_subs = _structure(
+        data, "A-ASSOCIATE-AC", _PRESENTATION_CONTEXT_AC, (_TRANSFER_SYNTAX,)
+    )
+    results: list[ContextResult] = []
+    next_subs = iter(context_subs)
+    for item_type, start, stop in top:
+        if item_type == _PRESENTATION_CONTEXT_AC:
+            results.append(_context_result(data, start, next(next_subs)))
+        elif item_type == _APPLICATION_CONTEXT:
+            _uid(data[start:stop], "application context name")  # checked, not used
+    user = _user_information(data, user_subs, in_request=False)
+    return AssociateAC(
+        tuple(results),
+        user.max_pdu,
+        user.implementation_uid,
+        user.implementation_version,
+        user.roles,
+        user.extended,
+        user.identity_response,
+    )
+
+
+def _context_result(data: bytes, start: int, subs: _Items) -> ContextResult:
+    """Presentation context ID, reserved, result/reason, reserved, transfer syntax."""
+    context_id, result = data[start], data[start + 2]
+    if not context_id & 1:
+        raise _invalid(f"presentation context ID {context_id} is not odd")
+    if result > _RESULT_MAX:
+        raise _invalid(f"presentation context {context_id} result {result} (0-4)")
+    if result != 0:
+        for _, s_start, s_stop in subs:
+            value = data[s_start:s_stop]
+            if not value.isascii() or len(value.rstrip(b"\x00").strip()) > _MAX_UID_LENGTH:
+                raise _invalid(f"transfer syntax {value!r} is not 0-64 ASCII characters")
+        return ContextResult(context_id, result, "")
+    if len(subs) != 1:
+        raise _invalid(
+            f"accepted presentation context {context_id} with {len(subs)} transfer "
+            "syntaxes (PS3.8 9.3.3.2: one)"
+        )
+    _, s_start, s_stop = subs[0]
+    return ContextResult(
+        context_id, 0, _uid(data[s_start:s_stop], "transfer syntax", allow_empty=False)
+    )
 
 
 # --- A-ASSOCIATE-RJ -----------------------------------------------------------------------

@@ -15,10 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pynetdicom.pdu import A_ASSOCIATE_AC
-
     from dicomd.net.acse_codec import AssociateRJ
-    from dicomd.net.negotiation import AssociationRequest
+    from dicomd.net.negotiation import AssociateAC, AssociationRequest
 
 
 # A-ABORT source values (PS3.8 9.3.8, table 9-26).
@@ -55,7 +53,7 @@ class AssociateIndication:
 class AssociateAccepted:
     """A-ASSOCIATE confirmation, accepted (requestor, Evt3, AE-3)."""
 
-    accept: A_ASSOCIATE_AC
+    accept: AssociateAC
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,7 +72,7 @@ from dicomd.net.events import (
 from dicomd.net.pdu import PduError, PduFramer, ProtocolVersionNotSupported, decode_pdata
 
 if TYPE_CHECKING:
-    from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+    from dicomd.net.acse_codec import AssociateRJ
 
 __all__ = [
     "ACTIONS",
@@ -419,18 +419,19 @@ class UpperLayer:
 
     # --- local service primitives ---------------------------------------------------
 
-    def associate_request(self, rq: A_ASSOCIATE_RQ) -> list[Event]:
-        """Evt1, requestor only: AE-1 (Sta4). The caller then opens the transport and
-        calls ``connection_made()`` (or ``connection_lost()`` if that fails)."""
+    def associate_request(self, rq: bytes) -> list[Event]:
+        """Evt1, requestor only: AE-1 (Sta4). ``rq`` is the encoded A-ASSOCIATE-RQ
+        (``acse_codec.encode_rq``). The caller then opens the transport and calls
+        ``connection_made()`` (or ``connection_lost()`` if that fails)."""
         if not self._requestor:
             raise LocalProtocolError("associate_request() on an acceptor")
         return self._local(_EVT1, rq)
 
-    def associate_accept(self, ac: A_ASSOCIATE_AC) -> list[Event]:
-        """Evt7 (Sta3): AE-7, send the A-ASSOCIATE-AC."""
+    def associate_accept(self, ac: bytes) -> list[Event]:
+        """Evt7 (Sta3): AE-7, send the A-ASSOCIATE-AC (encoded, ``acse_codec.encode_ac``)."""
         return self._local(_EVT7, ac)
 
-    def associate_reject(self, rj: A_ASSOCIATE_RJ) -> list[Event]:
+    def associate_reject(self, rj: AssociateRJ) -> list[Event]:
         """Evt8 (Sta3): AE-8, send the A-ASSOCIATE-RJ and start ARTIM."""
         return self._local(_EVT8, rj)
 
@@ -469,7 +470,7 @@ class UpperLayer:
     # a primitive's parameter, or None. Actions that consume a PDU decode it first, so a
     # PduError leaves the machine untouched.
 
-    def _ae_1(self, rq: A_ASSOCIATE_RQ) -> None:
+    def _ae_1(self, rq: bytes) -> None:
         """AE-1: issue TRANSPORT CONNECT (the caller does); next Sta4. The RQ is encoded
         now so that a bad one fails in the caller's hands, not later in AE-2."""
         self._pending_rq = _pdu.encode_associate(rq)
@@ -523,12 +524,12 @@ class UpperLayer:
         self._events += (_STOP_ARTIM, AssociateIndication(rq))
         self._goto(_S3)
 
-    def _ae_7(self, ac: A_ASSOCIATE_AC) -> None:
+    def _ae_7(self, ac: bytes) -> None:
         """AE-7: send A-ASSOCIATE-AC; next Sta6."""
         self._send(_pdu.encode_associate(ac))
         self._goto(_S6)
 
-    def _ae_8(self, rj: A_ASSOCIATE_RJ) -> None:
+    def _ae_8(self, rj: AssociateRJ) -> None:
         """AE-8: send A-ASSOCIATE-RJ, start ARTIM; next Sta13."""
         self._send(_pdu.encode_associate(rj))
         self._events.append(_START_ARTIM)

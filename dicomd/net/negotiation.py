@@ -4,29 +4,16 @@ The decisions are ours: which presentation contexts to accept, with *our* transf
 preference order (pynetdicom's acceptor keeps the requestor's order), which roles, and
 what we announce. On the acceptor's side the A-ASSOCIATE-RQ arrives as an
 ``AssociationRequest`` (decoded by ``acse_codec.decode_rq``) and the A-ASSOCIATE-AC is
-encoded from ``Negotiated`` by ``acse_codec.encode_ac``; on the requestor's side
-pynetdicom's PDU classes and primitives still build the RQ and read the AC.
+encoded from ``Negotiated`` by ``acse_codec.encode_ac``. On the requestor's side
+``acse_codec.encode_rq`` encodes the RQ from ``ProposedContext``s and the AC arrives as an
+``AssociateAC`` (``acse_codec.decode_ac``), which ``parse_accept`` matches against what
+was proposed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-
-from pydicom.uid import UID
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-    SCP_SCU_RoleSelectionNegotiation,
-    SOPClassExtendedNegotiation,
-    UserIdentityNegotiation,
-)
-from pynetdicom.presentation import PresentationContext
-
-from dicomd import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
 
@@ -105,12 +92,6 @@ class AssociationRequest:
     )
     user_identity: UserIdentity | None = None
     async_ops_window: tuple[int, int] | None = None  # (invoked, performed) if proposed
-
-
-def _ae(value: str | bytes) -> str:
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
-    return value.strip()
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,102 +178,74 @@ def negotiate_contexts(
     return Negotiated(tuple(decisions), accepted, role_replies)
 
 
-def _common_user_information(max_pdu_length: int) -> list[object]:
-    max_len = MaximumLengthNotification()
-    max_len.maximum_length_received = max_pdu_length
-    impl_uid = ImplementationClassUIDNotification()
-    impl_uid.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
-    impl_version = ImplementationVersionNameNotification()
-    impl_version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    return [max_len, impl_uid, impl_version]
+@dataclass(frozen=True, slots=True)
+class ContextResult:
+    """One presentation context item of an A-ASSOCIATE-AC (PS3.8 9.3.3.2)."""
+
+    context_id: int
+    result: int
+    # The accepted transfer syntax; "" when the context was rejected (the field is then
+    # "not significant", PS3.8 table 9-18).
+    transfer_syntax: str
 
 
-def build_request(
-    *,
-    calling_ae: str,
-    called_ae: str,
-    contexts: Sequence[ProposedContext],
-    max_pdu_length: int,
-    roles: dict[str, tuple[bool, bool]] | None = None,
-    extended_negotiation: dict[str, bytes] | None = None,
-    user_identity: UserIdentity | None = None,
-) -> A_ASSOCIATE_RQ:
-    prim = A_ASSOCIATE()
-    prim.application_context_name = UID(APPLICATION_CONTEXT_NAME)
-    prim.calling_ae_title = calling_ae
-    prim.called_ae_title = called_ae
-    pcs = []
-    for c in contexts:
-        cx = PresentationContext()
-        cx.context_id = c.context_id
-        cx.abstract_syntax = UID(c.abstract_syntax)
-        cx.transfer_syntax = [UID(ts) for ts in c.transfer_syntaxes]
-        pcs.append(cx)
-    prim.presentation_context_definition_list = pcs
-    info = _common_user_information(max_pdu_length)
-    for uid, (scu, scp) in (roles or {}).items():
-        role = SCP_SCU_RoleSelectionNegotiation()
-        role.sop_class_uid = UID(uid)
-        role.scu_role = scu
-        role.scp_role = scp
-        info.append(role)
-    for uid, app_info in (extended_negotiation or {}).items():
-        ext = SOPClassExtendedNegotiation()
-        ext.sop_class_uid = UID(uid)
-        ext.service_class_application_information = app_info
-        info.append(ext)
-    if user_identity is not None:
-        ui = UserIdentityNegotiation()
-        ui.user_identity_type = user_identity.kind
-        ui.primary_field = user_identity.primary
-        ui.secondary_field = user_identity.secondary
-        ui.positive_response_requested = user_identity.response_requested
-        info.append(ui)
-    prim.user_information = info  # type: ignore[assignment]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(prim)
-    return pdu
+@dataclass(frozen=True)
+class AssociateAC:
+    """Everything an A-ASSOCIATE-AC tells the requestor, in plain values, as received
+    (``acse_codec.decode_ac`` builds it). The called/calling AE title fields are not kept:
+    PS3.8 table 9-17 has them echo the request and forbids testing them."""
+
+    contexts: tuple[ContextResult, ...]
+    max_pdu_length: int  # the acceptor's maximum receive length; 0 = unlimited
+    implementation_class_uid: str
+    implementation_version_name: str
+    roles: dict[str, tuple[bool, bool]] = field(default_factory=dict)  # SOP class → (scu, scp)
+    extended_negotiation: dict[str, bytes] = field(default_factory=dict)
+    user_identity_response: bytes | None = None  # the server response, if one was sent
 
 
 @dataclass(frozen=True)
 class AssociationAccept:
-    """What the requestor learns from an A-ASSOCIATE-AC."""
+    """What the requestor learns from an A-ASSOCIATE-AC, matched against its proposal."""
 
     max_pdu_length: int
     implementation_class_uid: str
     implementation_version_name: str
     accepted: dict[int, AcceptedContext]
     rejected: dict[int, int]  # context id → result
+    roles: dict[str, tuple[bool, bool]] = field(default_factory=dict)  # role selection replies
+    extended_negotiation: dict[str, bytes] = field(default_factory=dict)  # SOP class → reply
+    user_identity_response: bytes | None = None
 
 
-def parse_accept(pdu: A_ASSOCIATE_AC, proposed: Sequence[ProposedContext]) -> AssociationAccept:
-    prim = pdu.to_primitive()
+def parse_accept(ac: AssociateAC, proposed: Sequence[ProposedContext]) -> AssociationAccept:
+    """Match the AC's context results with the contexts we proposed. An answer for a
+    context ID we never proposed is ignored; for an ID answered twice the last answer
+    counts. Role replies (PS3.7 D.3.3.4) set the roles on the accepted contexts of their
+    SOP class; without one the defaults apply (requestor SCU, acceptor SCP)."""
     by_id = {c.context_id: c for c in proposed}
-    max_pdu = 0
-    impl_uid = ""
-    impl_version = ""
-    roles: dict[str, tuple[bool, bool]] = {}
-    for item in prim.user_information:
-        if isinstance(item, MaximumLengthNotification):
-            max_pdu = int(item.maximum_length_received or 0)
-        elif isinstance(item, ImplementationClassUIDNotification):
-            impl_uid = str(item.implementation_class_uid or "")
-        elif isinstance(item, ImplementationVersionNameNotification):
-            impl_version = _ae(item.implementation_version_name or b"")
-        elif isinstance(item, SCP_SCU_RoleSelectionNegotiation):
-            roles[str(item.sop_class_uid)] = (bool(item.scu_role), bool(item.scp_role))
     accepted: dict[int, AcceptedContext] = {}
     rejected: dict[int, int] = {}
-    for cx in prim.presentation_context_definition_results_list:
-        cid = int(cx.context_id or 0)
-        mine = by_id.get(cid)
+    for cx in ac.contexts:
+        mine = by_id.get(cx.context_id)
         if mine is None:
-            continue  # an answer to a context we never proposed: ignore it
-        if cx.result != RESULT_ACCEPTANCE:
-            rejected[cid] = int(cx.result or 0)
             continue
-        scu, scp = roles.get(mine.abstract_syntax, (True, False))
-        accepted[cid] = AcceptedContext(
-            cid, mine.abstract_syntax, str(cx.transfer_syntax[0]), scu, scp
+        if cx.result != RESULT_ACCEPTANCE:
+            accepted.pop(cx.context_id, None)
+            rejected[cx.context_id] = cx.result
+            continue
+        rejected.pop(cx.context_id, None)
+        scu, scp = ac.roles.get(mine.abstract_syntax, (True, False))
+        accepted[cx.context_id] = AcceptedContext(
+            cx.context_id, mine.abstract_syntax, cx.transfer_syntax, scu, scp
         )
-    return AssociationAccept(max_pdu, impl_uid, impl_version, accepted, rejected)
+    return AssociationAccept(
+        ac.max_pdu_length,
+        ac.implementation_class_uid,
+        ac.implementation_version_name,
+        accepted,
+        rejected,
+        dict(ac.roles),
+        dict(ac.extended_negotiation),
+        ac.user_identity_response,
+    )

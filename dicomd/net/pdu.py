@@ -8,12 +8,9 @@ Division of labour, following DESIGN.md:
 * P-DATA-TF (the hot path) is framed and split into PDVs by hand, zero-copy: a PDV's
   ``data`` is a ``memoryview`` into the received ``bytes`` chunk.
 * A-RELEASE-RQ/RP and A-ABORT are fixed 10-byte PDUs, done by hand.
-* The acceptor's side of A-ASSOCIATE (decode the RQ, encode the AC or RJ) is done by hand
-  in ``acse_codec``: it is most of the CPU an association costs otherwise. The requestor's
-  side (encode the RQ, decode the AC) still goes through pynetdicom's ``pynetdicom.pdu``
-  classes: we check the item structure first, because pynetdicom only ``assert``s it
-  (asserts vanish under ``python -O``), and we turn anything pynetdicom raises into a
-  ``PduError`` so that a malformed PDU is an A-ABORT, never a crash.
+* A-ASSOCIATE, both sides (decode the RQ, encode the AC or RJ; encode the RQ, decode the
+  AC) is done by hand in ``acse_codec``: it is most of the CPU an association costs
+  otherwise, and a malformed PDU comes out as a ``PduError`` (an A-ABORT), never a crash.
 """
 
 from __future__ import annotations
@@ -22,23 +19,20 @@ import struct
 from collections import deque
 from collections.abc import Iterable
 
-from pynetdicom.pdu import A_ASSOCIATE_AC
-from pynetdicom.pdu_items import PDU_ITEM_TYPES
-
 from dicomd.net.acse_codec import (
     AssociateRJ,
     PduError,
     ProtocolVersionNotSupported,
+    decode_ac,
     decode_rj,
     decode_rq,
 )
 from dicomd.net.events import (
     ABORT_REASON_UNRECOGNIZED_PDU,
-    ABORT_REASON_UNRECOGNIZED_PDU_PARAMETER,
     ABORT_SOURCE_USER,
     Pdv,
 )
-from dicomd.net.negotiation import AssociationRequest
+from dicomd.net.negotiation import AssociateAC, AssociationRequest
 
 __all__ = [
     "A_ABORT",
@@ -106,8 +100,6 @@ RJ_SOURCE_PROVIDER_ACSE = 2
 RJ_REASON_PROTOCOL_VERSION = 2
 
 _HEADER = struct.Struct(">BxI")
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
 # Single-PDV P-DATA-TF prefix: PDU type, reserved, PDU-length, PDV item-length,
 # presentation context ID, message control header (PS3.8 9.3.5, E.2).
 _PDATA_PREFIX = struct.Struct(">BxIIBB")
@@ -121,14 +113,6 @@ _RELEASE_RP_BYTES = bytes((A_RELEASE_RP, 0, 0, 0, 0, 4, 0, 0, 0, 0))
 # Fixed part of A-ASSOCIATE-RQ/AC after the header: protocol version (2), reserved (2),
 # called AE (16), calling AE (16), reserved (32) = 68 bytes (PS3.8 tables 9-11, 9-17).
 _ASSOC_FIXED = 68
-_ASSOC_ITEMS_OFFSET = PDU_HEADER_LENGTH + _ASSOC_FIXED
-
-# Item types (PS3.8 9.3.2.x, 9.3.3.x, annex D; PS3.7 D.3.3).
-_ITEM_APPLICATION_CONTEXT = 0x10
-_ITEM_PRESENTATION_CONTEXT_AC = 0x21
-_ITEM_TRANSFER_SYNTAX = 0x40
-_ITEM_USER_INFORMATION = 0x50
-_USER_SUB_ITEMS = frozenset(t for t in PDU_ITEM_TYPES if t > _ITEM_USER_INFORMATION)
 
 
 def _pdu_name(pdu_type: int) -> str:
@@ -410,74 +394,10 @@ _RQ_CACHE_SIZE = 256
 _rq_cache: dict[bytes, AssociationRequest] = {}
 
 
-def _walk_items(data: memoryview, start: int, end: int, where: str) -> list[tuple[int, int, int]]:
-    """Return ``(type, offset, stop)`` of the items tiling ``data[start:end]``.
-
-    Item header: type (1), reserved (1), item-length (2) (PS3.8 9.3.2.x)."""
-    items = []
-    off = start
-    while off < end:
-        if end - off < 4:
-            raise PduError(f"{where}: {end - off} trailing bytes cannot hold an item header")
-        item_type = data[off]
-        stop = off + 4 + _U16.unpack_from(data, off + 2)[0]
-        if stop > end:
-            raise PduError(f"{where}: item 0x{item_type:02X} overruns its container")
-        items.append((item_type, off, stop))
-        off = stop
-    return items
-
-
-def _check_associate_ac(pdu: memoryview) -> bytes:
-    """Check the item structure of an A-ASSOCIATE-AC and return the bytes for pynetdicom.
-
-    Unrecognised User Information sub-items are dropped, because PS3.8 D.2 (note 2) has
-    receivers ignore sub-items defined by later editions rather than fail on them.
-    """
-    name = "A-ASSOCIATE-AC"
-    if len(pdu) < _ASSOC_ITEMS_OFFSET:
-        raise PduError(f"{name} shorter than its {_ASSOC_FIXED}-byte fixed part")
-    rebuilt: list[bytes | memoryview] | None = None
-    for item_type, off, stop in _walk_items(pdu, _ASSOC_ITEMS_OFFSET, len(pdu), name):
-        if item_type == _ITEM_PRESENTATION_CONTEXT_AC:
-            # Presentation context ID, reserved, result/reason, reserved, then sub-items.
-            if stop - off < 8:
-                raise PduError(f"{name}: presentation context item too short")
-            for sub_type, _, _ in _walk_items(pdu, off + 8, stop, f"{name} context"):
-                if sub_type != _ITEM_TRANSFER_SYNTAX:
-                    raise PduError(
-                        f"{name}: sub-item 0x{sub_type:02X} in a presentation context",
-                        ABORT_REASON_UNRECOGNIZED_PDU_PARAMETER,
-                    )
-        elif item_type == _ITEM_USER_INFORMATION:
-            subs = _walk_items(pdu, off + 4, stop, f"{name} user information")
-            if any(t not in _USER_SUB_ITEMS for t, _, _ in subs):
-                kept = [pdu[o:s] for t, o, s in subs if t in _USER_SUB_ITEMS]
-                length = sum(len(k) for k in kept)
-                rebuilt = [pdu[:off], bytes((_ITEM_USER_INFORMATION, 0)), _U16.pack(length)]
-                rebuilt += kept
-                rebuilt.append(pdu[stop:])
-        elif item_type != _ITEM_APPLICATION_CONTEXT:
-            raise PduError(
-                f"{name}: unrecognized item type 0x{item_type:02X}",
-                ABORT_REASON_UNRECOGNIZED_PDU_PARAMETER,
-            )
-    if rebuilt is None:
-        return bytes(pdu)
-    data = bytearray(b"".join(rebuilt))
-    _U32.pack_into(data, 2, len(data) - PDU_HEADER_LENGTH)
-    return bytes(data)
-
-
-def decode_associate_ac(pdu: memoryview | bytes) -> A_ASSOCIATE_AC:
-    """Decode an A-ASSOCIATE-AC (requestor side) with pynetdicom."""
-    data = _check_associate_ac(memoryview(pdu))
-    ac = A_ASSOCIATE_AC()
-    try:
-        ac.decode(data)
-    except Exception as exc:  # pynetdicom raises anything from KeyError to UnicodeError
-        raise PduError(f"A-ASSOCIATE-AC cannot be decoded: {exc!r}") from exc
-    return ac
+def decode_associate_ac(pdu: memoryview | bytes) -> AssociateAC:
+    """Decode an A-ASSOCIATE-AC (requestor side, ``acse_codec.decode_ac``); raises
+    ``PduError``."""
+    return decode_ac(pdu)
 
 
 def decode_associate_rj(pdu: memoryview | bytes) -> AssociateRJ:
@@ -493,8 +413,9 @@ def make_associate_rj(result: int, source: int, reason: int) -> AssociateRJ:
 
 def encode_associate(pdu: bytes | AssociateRJ | object) -> bytes:
     """The bytes of an association PDU: already encoded ``bytes`` (the acceptor's
-    A-ASSOCIATE-AC, ``acse_codec.encode_ac``) as they are, else ``pdu.encode()`` (an
-    ``AssociateRJ``, or pynetdicom's A_ASSOCIATE_RQ/AC for the requestor). Errors are the
+    A-ASSOCIATE-AC, ``acse_codec.encode_ac``, and the requestor's A-ASSOCIATE-RQ,
+    ``acse_codec.encode_rq``) as they are, else ``pdu.encode()`` (an ``AssociateRJ``; the
+    tests also hand in pynetdicom's PDU objects). Errors are the
     caller's (``ValueError``), not the peer's, so they are not ``PduError``."""
     if type(pdu) is bytes:
         return pdu

@@ -3,7 +3,11 @@
 Keys are given as ``-k Keyword=value`` (a matching key) or ``-k Keyword`` (a return key),
 e.g. ``-k PatientName=DOE*``, ``-k StudyDate=20240101-20241231``. ``--model`` is ``study``
 (Study Root, the default) or ``patient``; ``--level`` PATIENT / STUDY / SERIES / IMAGE.
-Exit status 0 when the final response is Success, 1 otherwise (its status is printed).
+``--relational`` proposes relational queries (find) or relational retrieval (move, get)
+by SOP Class Extended Negotiation (PS3.4 C.5.1.1.1, C.5.2.1.1, C.5.3.1.1), so that the
+keys of the levels above ``--level`` may be left out.
+Exit status 0 when the final response is Success, 1 otherwise (its status is printed),
+2 when ``--relational`` was asked for and the SCP did not agree to it (nothing is sent).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ if TYPE_CHECKING:
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+EXIT_NOT_NEGOTIATED = 2
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 SOP_CLASSES = {
@@ -58,6 +63,38 @@ DEFAULT_KEYS = {
 
 class CliError(Exception):
     pass
+
+
+# SOP Class Extended Negotiation for the Q/R SOP classes: byte 0 is relational-queries
+# (C-FIND, PS3.4 table C.5-1) or relational-retrieval (C-MOVE/C-GET, tables C.5-2/C.5-3);
+# 1 = supported. The other C-FIND bytes (combined date-time, fuzzy names, timezone
+# adjustment) may be left out; we propose relational only.
+RELATIONAL = b"\x01"
+
+
+class NotNegotiated(Exception):
+    """The SCP did not agree to an option the user asked for (exit status 2)."""
+
+
+def _check_relational(
+    args: argparse.Namespace, assoc: RequestorAssociation, sop_class: str
+) -> None:
+    """With ``--relational``: did the A-ASSOCIATE-AC grant it for ``sop_class``? No reply
+    item, or byte 0 not 1, means no (PS3.7 D.3.3.5: without a reply the SCP does not
+    support the option). Checked before any request is sent."""
+    if not args.relational:
+        return
+    accept = assoc.accept
+    reply = accept.extended_negotiation.get(sop_class) if accept is not None else None
+    if reply is None or reply[:1] != RELATIONAL:
+        what = "relational queries" if args.command == "find" else "relational retrieval"
+        answer = "no reply" if reply is None else f"reply {reply.hex() or 'empty'}"
+        raise NotNegotiated(
+            f"the SCP ({args.aec} at {args.host}:{args.port}) does not support {what} "
+            f"for {sop_class} ({answer} to the SOP Class Extended Negotiation); "
+            "nothing was sent. Without --relational, give the unique keys of the levels "
+            "above the query level."
+        )
 
 
 def build_identifier(level: str, keys: list[str], *, defaults: bool) -> Dataset:
@@ -142,18 +179,32 @@ async def _open(
     contexts: list[tuple[str, list[str]]],
     roles: dict[str, tuple[bool, bool]] | None = None,
 ) -> RequestorAssociation:
+    """Open the association; the Q/R SOP class is the first context. With
+    ``--relational`` propose it and make sure it was granted (else release and raise
+    ``NotNegotiated``)."""
     from dicomd.association import associate
 
-    return await associate(
+    sop_class = contexts[0][0]
+    assoc = await associate(
         args.host,
         args.port,
         calling_ae=args.aet,
         called_ae=args.aec,
         contexts=contexts,
         roles=roles,
+        extended_negotiation={sop_class: RELATIONAL} if args.relational else None,
         connect_timeout=args.timeout,
         acse_timeout=args.timeout,
     )
+    try:
+        _check_relational(args, assoc, sop_class)
+    except NotNegotiated:
+        try:
+            await assoc.release(timeout=args.timeout)
+        except Exception:
+            assoc.abort()
+        raise
+    return assoc
 
 
 def _encode(assoc: RequestorAssociation, cid: int, ds: Dataset) -> bytes:
@@ -214,6 +265,9 @@ def _run(main: Callable[[], Any], what: str) -> int:
 
     try:
         return int(asyncio.run(main()))
+    except NotNegotiated as exc:
+        print(f"{what}: {exc}", file=sys.stderr)
+        return EXIT_NOT_NEGOTIATED
     except CliError as exc:
         print(f"{what}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -374,6 +428,13 @@ def add_qr_commands(sub: Any) -> None:
             help="a matching key (Keyword=value) or return key (Keyword); repeatable",
         )
         p.add_argument("--timeout", type=float, default=60.0, help="seconds per step")
+        p.add_argument(
+            "--relational",
+            action="store_true",
+            help="propose relational queries/retrieval (SOP Class Extended Negotiation): "
+            "the keys of the levels above --level may be left out; exit status 2, "
+            "nothing sent, if the SCP does not agree",
+        )
 
     find = sub.add_parser("find", help="C-FIND: query a Query/Retrieve SCP")
     common(find)
