@@ -453,3 +453,29 @@ def test_frames_100_mb() -> None:
     assert seen == count
     assert total == count * len(payload)
     assert f.buffered == 0
+
+
+def test_associate_rq_cache_drops_its_oldest_entry_first() -> None:
+    """Identical A-ASSOCIATE-RQ bytes share one decoded request; a site with more devices
+    than the cache holds loses its oldest entries, not all of them at once."""
+    from dicomd.net import pdu as pdu_module
+    from dicomd.net.acse_codec import encode_rq
+
+    def rq(n: int) -> bytes:
+        return encode_rq(
+            calling_ae=f"DEV{n}",
+            called_ae="DICOMD",
+            contexts=[ProposedContext(1, "1.2.840.10008.1.1", ("1.2.840.10008.1.2",))],
+            max_pdu_length=16384,
+        )
+
+    pdu_module._rq_cache.clear()
+    size = pdu_module._RQ_CACHE_SIZE
+    first = [pdu_module.decode_associate_rq(rq(n)) for n in range(size + 10)]
+    assert len(pdu_module._rq_cache) == size
+    # The 10 oldest were dropped (decoded anew: equal, not the same object) ...
+    assert pdu_module.decode_associate_rq(rq(0)) is not first[0]
+    assert pdu_module.decode_associate_rq(rq(0)) == first[0]
+    # ... the rest are still there.
+    assert pdu_module.decode_associate_rq(rq(size + 5)) is first[size + 5]
+    assert pdu_module.decode_associate_rq(rq(50)) is first[50]
