@@ -456,17 +456,20 @@ class Association:
         except (ConnectionError, AssociationError):
             return True  # the association is gone; the close is logged once elsewhere
         except Exception as exc:
-            self.log.error(
-                "service_failed",
-                error=repr(exc),
-                command_field=hex(request.command.command_field),
-                exc_info=True,
-            )
+            self._log_service_failure(request, exc)
             if not request.responded and self.link.upper.is_established:
                 self.respond_now(
                     request, status=STATUS_PROCESSING_FAILURE, error_comment="internal error"
                 )
             return True
+
+    def _log_service_failure(self, request: Request, exc: Exception) -> None:
+        self.log.error(
+            "service_failed",
+            error=repr(exc),
+            command_field=hex(request.command.command_field),
+            exc_info=True,  # called inside the except block
+        )
 
     async def _serve(self, request: Request, service: Service | None) -> None:
         try:
@@ -479,12 +482,7 @@ class Association:
         except (ConnectionError, AssociationError):
             pass  # the association is gone; the close is logged once elsewhere
         except Exception as exc:
-            self.log.error(
-                "service_failed",
-                error=repr(exc),
-                command_field=hex(request.command.command_field),
-                exc_info=True,
-            )
+            self._log_service_failure(request, exc)
             if not request.responded and not self.link.upper.is_closed:
                 try:
                     await self.respond(

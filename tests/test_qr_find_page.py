@@ -410,3 +410,42 @@ def test_canonical_values_are_what_pydicom_writes_back(vr: str) -> None:
         assert fp.getvalue()[8:] == expected, (vr, raw)
         checked += 1
     assert checked > 50
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {0x00100020: ("PID2",)},
+        {0x00100020: ("PID1", "PIDJP", "NOSUCH")},
+        {0x0020000D: (f"{ROOT}.1.1", f"{ROOT}.4.0")},
+        {0x00100020: ("PID1",), 0x0020000D: (f"{ROOT}.0.1",)},
+        {0x0020000D: (f"{ROOT}.3.1",), 0x0020000E: (f"{ROOT}.3.1.1",)},
+        {0x0020000E: (f"{ROOT}.0.0", f"{ROOT}.5.1.1")},
+        {0x00080018: (f"{ROOT}.2.1.1.0", f"{ROOT}.2.0.0.1", f"{ROOT}.9.9.9.9")},
+        # A key whose values are empty is no condition (relational retrieval).
+        {0x00100020: (), 0x0020000D: (f"{ROOT}.2.0",)},
+    ],
+)
+def test_instances_for_retrieve(engine: sa.Engine, keys: dict[int, tuple[str, ...]]) -> None:
+    """C-MOVE/C-GET's instance list: what the unique keys name, in study, series and
+    instance-number order, whatever set of keys and however many values each; the same
+    statement serves later calls with other values."""
+    keywords = {
+        0x00100020: "PatientID",
+        0x0020000D: "StudyInstanceUID",
+        0x0020000E: "SeriesInstanceUID",
+        0x00080018: "SOPInstanceUID",
+    }
+    expected = sorted(
+        (
+            (str(ds.StudyInstanceUID), int(ds.SeriesNumber), int(ds.InstanceNumber)),
+            str(ds.SOPInstanceUID),
+        )
+        for ds, _ in _instances()
+        if all(not values or str(ds[keywords[tag]].value) in values for tag, values in keys.items())
+    )
+    for _ in range(2):
+        with engine.connect() as conn:
+            found = qsql.instances_for(conn, "IMAGE", keys)
+        assert [i.sop_instance_uid for i in found] == [uid for _, uid in expected]
+        assert all(i.path == f"x/{i.sop_instance_uid}" and i.sop_class_uid == CT for i in found)

@@ -1031,6 +1031,16 @@ def instances_for(
     conn: Connection, level: str, uids: dict[int, tuple[str, ...]]
 ) -> list[StoredInstance]:
     """The instances a C-MOVE/C-GET Identifier names (unique keys down to ``level``)."""
+    keys = tuple(tag for tag, values in uids.items() if values)
+    params = {f"k{tag:08x}": list(uids[tag]) for tag in keys}
+    return [StoredInstance(*row) for row in conn.execute(_instances_statement(keys), params)]
+
+
+@functools.lru_cache(maxsize=16)
+def _instances_statement(keys: tuple[int, ...]) -> sa.Select[Any]:
+    """The statement for a set of unique keys, built once: every C-MOVE/C-GET of a study
+    asks the same question with another UID, and building the joins again each time
+    cost more than running the query (for a 25-instance study, ~0.5 ms of ~0.8 ms)."""
     patient, study, series, instance = _tables()
     source = (
         instance.join(series, instance.c.series_pk == series.c.id)
@@ -1049,11 +1059,6 @@ def instances_for(
         SERIES_UID: series.c.series_instance_uid,
         SOP_UID: instance.c.sop_instance_uid,
     }
-    for tag, values in uids.items():
-        if values:
-            stmt = stmt.where(columns[tag].in_(list(values)))
-    stmt = stmt.order_by(study.c.id, series.c.id, instance.c.instance_number, instance.c.id)
-    return [
-        StoredInstance(r.sop_class_uid, r.sop_instance_uid, r.transfer_syntax_uid, r.path)
-        for r in conn.execute(stmt)
-    ]
+    for tag in keys:
+        stmt = stmt.where(columns[tag].in_(sa.bindparam(f"k{tag:08x}", expanding=True)))
+    return stmt.order_by(study.c.id, series.c.id, instance.c.instance_number, instance.c.id)
