@@ -10,6 +10,7 @@ to the peer's maximum PDU length. ``AcceptorAssociation`` adds the A-ASSOCIATE d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import ssl as ssl_module
 import time
@@ -239,6 +240,8 @@ class Association:
     _incoming: DatasetStream | _ResponseCollector | None = None
     _message_ids: Iterator[int] | None = None
     _end_reason = ""
+    # How establishment ended: None (not yet), True (established) or the exception.
+    _establish_outcome: bool | BaseException | None = None
 
     def __init__(self) -> None:
         self.id = next(_assoc_ids)
@@ -248,9 +251,6 @@ class Association:
         self._in_flight: dict[int, Request] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._responses: dict[int, asyncio.Queue[Response | BaseException]] = {}
-
-    # How establishment ended: None (not yet), True (established) or the exception.
-    _establish_outcome: bool | BaseException | None = None
 
     @property
     def established(self) -> asyncio.Future[None]:
@@ -458,9 +458,10 @@ class Association:
         except Exception as exc:
             self._log_service_failure(request, exc)
             if not request.responded and self.link.upper.is_established:
-                self.respond_now(
-                    request, status=STATUS_PROCESSING_FAILURE, error_comment="internal error"
-                )
+                with contextlib.suppress(ConnectionError, AssociationError):
+                    self.respond_now(
+                        request, status=STATUS_PROCESSING_FAILURE, error_comment="internal error"
+                    )
             return True
 
     def _log_service_failure(self, request: Request, exc: Exception) -> None:
