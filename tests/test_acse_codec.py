@@ -94,7 +94,8 @@ def contexts(draw: st.DrawFn) -> list[PresentationContext]:
 
 
 @st.composite
-def user_information(draw: st.DrawFn) -> list[object]:
+def common_user_items(draw: st.DrawFn) -> list[object]:
+    """User information sub-items an RQ and an AC both carry (PS3.7 D.3.3)."""
     items: list[object] = []
     ml = MaximumLengthNotification()
     ml.maximum_length_received = draw(st.integers(0, 2**32 - 1))
@@ -123,6 +124,12 @@ def user_information(draw: st.DrawFn) -> list[object]:
         ext.sop_class_uid = uid
         ext.service_class_application_information = draw(st.binary(max_size=8))
         items.append(ext)
+    return items
+
+
+@st.composite
+def user_information(draw: st.DrawFn) -> list[object]:
+    items = draw(common_user_items())
     for uid in draw(st.lists(any_uid, max_size=2)):
         common = SOPClassCommonExtendedNegotiation()
         common.sop_class_uid = uid
@@ -627,34 +634,7 @@ def accept_pdus(draw: st.DrawFn) -> bytes:
         cx.transfer_syntax = [draw(any_uid)]
         results.append(cx)
     prim.presentation_context_definition_results_list = results
-    items: list[object] = []
-    ml = MaximumLengthNotification()
-    ml.maximum_length_received = draw(st.integers(0, 2**32 - 1))
-    items.append(ml)
-    ic = ImplementationClassUIDNotification()
-    ic.implementation_class_uid = draw(any_uid)
-    items.append(ic)
-    if draw(st.booleans()):
-        iv = ImplementationVersionNameNotification()
-        iv.implementation_version_name = draw(version_names)
-        items.append(iv)
-    if draw(st.booleans()):
-        window = AsynchronousOperationsWindowNegotiation()
-        window.maximum_number_operations_invoked = draw(st.integers(0, 65535))
-        window.maximum_number_operations_performed = draw(st.integers(0, 65535))
-        items.append(window)
-    for uid in draw(st.lists(any_uid, max_size=3)):
-        role = SCP_SCU_RoleSelectionNegotiation()
-        role.sop_class_uid = uid
-        role.scu_role, role.scp_role = draw(
-            st.sampled_from([(True, False), (False, True), (True, True)])
-        )
-        items.append(role)
-    for uid in draw(st.lists(any_uid, max_size=2)):
-        ext = SOPClassExtendedNegotiation()
-        ext.sop_class_uid = uid
-        ext.service_class_application_information = draw(st.binary(max_size=8))
-        items.append(ext)
+    items = draw(common_user_items())
     if draw(st.booleans()):
         ui = UserIdentityNegotiation()
         ui.server_response = draw(st.binary(max_size=20))
