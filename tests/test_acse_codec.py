@@ -288,8 +288,9 @@ def test_accept_for_an_echoscu_like_request() -> None:
 
 
 @st.composite
-def mangled(draw: st.DrawFn) -> bytes:
-    raw = bytearray(draw(requests()))
+def mangle(draw: st.DrawFn, pdus: st.SearchStrategy[bytes]) -> bytes:
+    """A valid association PDU from ``pdus``, with bytes flipped, cut off or inserted."""
+    raw = bytearray(draw(pdus))
     how = draw(st.sampled_from(["flip", "flip", "flip", "truncate", "insert"]))
     if how == "flip":
         for _ in range(draw(st.integers(1, 3))):
@@ -303,6 +304,10 @@ def mangled(draw: st.DrawFn) -> bytes:
     if draw(st.booleans()):  # keep the PDU-length consistent
         struct.pack_into(">I", raw, 2, len(raw) - 6)
     return bytes(raw)
+
+
+def mangled() -> st.SearchStrategy[bytes]:
+    return mangle(requests())
 
 
 @given(mangled())
@@ -670,22 +675,8 @@ def test_valid_accepts_decode_like_pynetdicom(raw: bytes) -> None:
     assert P.decode_associate_ac(memoryview(raw)) == expected
 
 
-@st.composite
-def mangled_accepts(draw: st.DrawFn) -> bytes:
-    raw = bytearray(draw(accept_pdus()))
-    how = draw(st.sampled_from(["flip", "flip", "flip", "truncate", "insert"]))
-    if how == "flip":
-        for _ in range(draw(st.integers(1, 3))):
-            i = draw(st.integers(6, len(raw) - 1))
-            raw[i] = draw(st.one_of(st.integers(0, 255), st.sampled_from(b"\x00 .0\x01\x02\xff")))
-    elif how == "truncate":
-        del raw[draw(st.integers(6, len(raw) - 1)) :]
-    else:
-        i = draw(st.integers(74, len(raw)))
-        raw[i:i] = draw(st.binary(min_size=1, max_size=6))
-    if draw(st.booleans()):  # keep the PDU-length consistent
-        struct.pack_into(">I", raw, 2, len(raw) - 6)
-    return bytes(raw)
+def mangled_accepts() -> st.SearchStrategy[bytes]:
+    return mangle(accept_pdus())
 
 
 @given(mangled_accepts())
