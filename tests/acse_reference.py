@@ -61,17 +61,18 @@ def _walk_items(data: bytes, start: int, end: int, where: str) -> list[tuple[int
     return items
 
 
-def _check_rq(pdu: bytes) -> bytes:
-    name = "A-ASSOCIATE-RQ"
+def _check_structure(pdu: bytes, name: str, context_item: int, sub_items: tuple[int, ...]) -> bytes:
+    """The old structure checks of ``pdu.py`` before pynetdicom decoded an A-ASSOCIATE-RQ
+    (context item 0x20: abstract and transfer syntaxes) or -AC (0x21: transfer syntax)."""
     if len(pdu) < 74:
         raise PduError(f"{name} shorter than its 68-byte fixed part")
     rebuilt: list[bytes] | None = None
     for item_type, off, stop in _walk_items(pdu, 74, len(pdu), name):
-        if item_type == 0x20:
+        if item_type == context_item:
             if stop - off < 8:
                 raise PduError(f"{name}: presentation context item too short")
             for sub_type, _, _ in _walk_items(pdu, off + 8, stop, f"{name} context"):
-                if sub_type not in (0x30, 0x40):
+                if sub_type not in sub_items:
                     raise PduError(
                         f"{name}: sub-item 0x{sub_type:02X} in a presentation context",
                         ABORT_REASON_UNRECOGNIZED_PDU_PARAMETER,
@@ -94,6 +95,10 @@ def _check_rq(pdu: bytes) -> bytes:
     data = bytearray(b"".join(rebuilt))
     struct.pack_into(">I", data, 2, len(data) - 6)
     return bytes(data)
+
+
+def _check_rq(pdu: bytes) -> bytes:
+    return _check_structure(pdu, "A-ASSOCIATE-RQ", 0x20, (0x30, 0x40))
 
 
 def reference_decode_rq(raw: bytes) -> AssociationRequest:
@@ -294,38 +299,7 @@ def reference_encode_rq(
 
 def _check_ac(pdu: bytes) -> bytes:
     """The old ``pdu._check_associate_ac``."""
-    name = "A-ASSOCIATE-AC"
-    if len(pdu) < 74:
-        raise PduError(f"{name} shorter than its 68-byte fixed part")
-    rebuilt: list[bytes] | None = None
-    for item_type, off, stop in _walk_items(pdu, 74, len(pdu), name):
-        if item_type == 0x21:
-            if stop - off < 8:
-                raise PduError(f"{name}: presentation context item too short")
-            for sub_type, _, _ in _walk_items(pdu, off + 8, stop, f"{name} context"):
-                if sub_type != 0x40:
-                    raise PduError(
-                        f"{name}: sub-item 0x{sub_type:02X} in a presentation context",
-                        ABORT_REASON_UNRECOGNIZED_PDU_PARAMETER,
-                    )
-        elif item_type == 0x50:
-            subs = _walk_items(pdu, off + 4, stop, f"{name} user information")
-            if any(t not in _USER_SUB_ITEMS for t, _, _ in subs):
-                kept = [pdu[o:s] for t, o, s in subs if t in _USER_SUB_ITEMS]
-                length = sum(len(k) for k in kept)
-                rebuilt = [pdu[:off], bytes((0x50, 0)), struct.pack(">H", length)]
-                rebuilt += kept
-                rebuilt.append(pdu[stop:])
-        elif item_type != 0x10:
-            raise PduError(
-                f"{name}: unrecognized item type 0x{item_type:02X}",
-                ABORT_REASON_UNRECOGNIZED_PDU_PARAMETER,
-            )
-    if rebuilt is None:
-        return pdu
-    data = bytearray(b"".join(rebuilt))
-    struct.pack_into(">I", data, 2, len(data) - 6)
-    return bytes(data)
+    return _check_structure(pdu, "A-ASSOCIATE-AC", 0x21, (0x40,))
 
 
 def reference_decode_ac(raw: bytes) -> AssociateAC:
