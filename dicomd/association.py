@@ -149,7 +149,7 @@ class DatasetStream:
                 return
             if self._failed is not None:
                 raise self._failed
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._association.link.loop.create_future()
             await self._waiter
             self._waiter = None
 
@@ -439,7 +439,7 @@ class Association:
         self._in_flight[int(command.message_id or 0)] = request
         self.link.busy = True
         coro: Coroutine[Any, Any, None] = self._serve(request, service)
-        task = asyncio.get_running_loop().create_task(coro)
+        task = self.link.loop.create_task(coro)  # get_running_loop() costs a getpid()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -639,6 +639,7 @@ class Archive:
         called_ae: str | None,
         policy: DuplicatePolicy,
         min_free_space: int,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> Ingest:
         return Ingest(
             self,
@@ -649,6 +650,7 @@ class Archive:
             called_ae,
             policy,
             min_free_space,
+            loop,
         )
 
     def submit(self, item: _Item) -> None:
@@ -677,14 +679,14 @@ class Archive:
         """Put the instance's file at a free final path, named in the journal first.
         Raises OSError (nothing of the instance is left then)."""
         base = render(self.layout, item.info.get)
-        candidate, n = str(base), 0
+        candidate, n = base, 0
         full = os.path.join(self.root, candidate)
         parent = os.path.dirname(full)
         item.new_dirs = self._make_dirs(parent)
         while True:
             if os.path.lexists(full):
                 n += 1
-                candidate = str(with_suffix_number(base, n))
+                candidate = with_suffix_number(base, n)
                 full = os.path.join(self.root, candidate)
                 continue
             self.journal.intent(item, candidate)
@@ -800,14 +802,9 @@ class Archive:
                 return
 
     def _commit_index_only(self, batch: list[_Item]) -> None:
-        """``durability: none``: the files are in place already; hash and index them."""
+        """``durability: none``: the files are in place (and hashed) already; index them."""
         for p in batch:
             if p.data is not None:
-                if not p.sha256:
-                    h = hashlib.sha256()
-                    for part in p.data:
-                        h.update(part)
-                    p.sha256 = h.hexdigest()
                 try:
                     complete(p.info, p.data, p.transfer_syntax_uid)
                 except UndecodableDataset as exc:  # answered already: index what we have
@@ -1322,6 +1319,7 @@ class Ingest:
         called_ae: str | None,
         policy: DuplicatePolicy,
         min_free_space: int,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.archive = archive
         self.sop_class_uid = sop_class_uid
@@ -1336,21 +1334,21 @@ class Ingest:
         self.fd = -1
         self.size = 0
         self.meta = b""
+        # Hashed as the fragments arrive, on the event loop, while they are still in this
+        # CPU's cache: measured (bench_store.py, CT 526 KiB), hashing them later in the
+        # committer thread cost 0.26 ms more CPU per instance and a quarter of the rate.
         self._hash = hashlib.sha256()
-        # Under ``none`` an in-memory data set is hashed by the committer, off the path of
-        # the answer; a durable one as it arrives (its journal record needs the digest).
-        self._hash_now = archive.durable
         self._parts: list[bytes | memoryview] = []
         self._gathered = 0
         self._writing: asyncio.Future[Any] | None = None
         self._submitted = False
-        self._loop = asyncio.get_running_loop()
+        # Passed by the caller where it can: asyncio.get_running_loop() costs a getpid().
+        self._loop = loop if loop is not None else asyncio.get_running_loop()
 
     # loop side
     def add(self, fragment: bytes | memoryview) -> bool:
         """Take one fragment; True when a chunk should be flushed to disk."""
-        if self._hash_now:
-            self._hash.update(fragment)
+        self._hash.update(fragment)
         self._parts.append(fragment)
         self._gathered += len(fragment)
         return self._gathered > INLINE_MAX or (
@@ -1359,10 +1357,6 @@ class Ingest:
 
     async def flush(self) -> None:
         """Hand what is gathered to an I/O thread (waiting for the previous chunk only)."""
-        if not self._hash_now:  # streaming after all: hash what came so far, then the rest
-            self._hash_now = True
-            for part in self._parts:
-                self._hash.update(part)
         chunk = b"".join(self._parts)
         self._parts, self._gathered = [], 0
         if self._writing is not None:
@@ -1456,8 +1450,10 @@ class Ingest:
             raise StoreFailed(STATUS_CANNOT_UNDERSTAND, "the data set is empty")
         self._check_space()
         try:
+            # Under ``none`` only the values the answer needs (path, identity) are decoded
+            # here; the committer decodes the rest before indexing.
             info = instance_from_parts(
-                parts, self.transfer_syntax_uid, None if self._hash_now else self.archive.keys
+                parts, self.transfer_syntax_uid, None if self.archive.durable else self.archive.keys
             )
         except UndecodableDataset as exc:
             raise StoreFailed(STATUS_CANNOT_UNDERSTAND, str(exc)) from exc
@@ -1465,8 +1461,6 @@ class Ingest:
         self.meta = self._meta()
         self.size = len(self.meta) + self._gathered
         item = self._item(info, data=list(parts))
-        if not self._hash_now:
-            item.sha256 = ""  # the committer's job
         if not self.archive.durable:
             try:
                 self.archive.place(item)

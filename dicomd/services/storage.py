@@ -177,7 +177,10 @@ class StorageService(Service):
             return
         sop_class = command.affected_sop_class_uid or ""
         sop_instance = command.affected_sop_instance_uid or ""
-        log = association.log.bind(sop_instance_uid=sop_instance, sop_class_uid=sop_class)
+        # Logged with the instance's UIDs only when there is something to say: binding
+        # a logger for every instance cost as much as answering its C-STORE.
+        log = association.log
+        uids = {"sop_instance_uid": sop_instance, "sop_class_uid": sop_class}
         ingest = self.archive.ingest(
             sop_class_uid=sop_class,
             sop_instance_uid=sop_instance,
@@ -186,6 +189,7 @@ class StorageService(Service):
             called_ae=association.called_ae,
             policy=self.opts.duplicates,
             min_free_space=int(self.opts.min_free_space),
+            loop=association.link.loop,
         )
         failure: StoreFailed | None = None
         try:
@@ -215,6 +219,7 @@ class StorageService(Service):
                 status=f"0x{failure.status:04X}",
                 reason=failure.comment,
                 calling_ae=association.calling_ae,
+                **uids,
             )
             extra: dict[str, Any] = {"error_comment": failure.comment}
             if failure.offending:
@@ -228,11 +233,14 @@ class StorageService(Service):
                 action=outcome.duplicate,
                 status=f"0x{outcome.status:04X}",
                 path=outcome.path,
+                **uids,
             )
         elif outcome.status != 0:
-            log.warning("store_failed", status=f"0x{outcome.status:04X}", reason=outcome.comment)
+            log.warning(
+                "store_failed", status=f"0x{outcome.status:04X}", reason=outcome.comment, **uids
+            )
         else:
-            log.debug("stored", path=outcome.path, size=ingest.size)
+            log.debug("stored", path=outcome.path, size=ingest.size, **uids)
         if outcome.status != 0:
             extra = {"error_comment": outcome.comment}
             if outcome.offending:
