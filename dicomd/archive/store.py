@@ -106,6 +106,8 @@ SUBMIT_DELAY = 0.005
 BACKLOG_MAX = 32 << 20
 IO_WORKERS = 4
 SYNC_WORKERS = 8
+# In-memory data sets under ``none`` at least this large are hashed after their answer.
+HASH_AFTER_ANSWER_MIN = 64 << 10
 # Data sets up to this size are kept in memory (and journaled whole); larger ones stream to
 # a temporary file.
 INLINE_MAX = 1 << 20
@@ -805,6 +807,7 @@ class Archive:
         """``durability: none``: the files are in place (and hashed) already; index them."""
         for p in batch:
             if p.data is not None:
+                hash_after_answer(p)  # done on the event loop already; never index without
                 try:
                     complete(p.info, p.data, p.transfer_syntax_uid)
                 except UndecodableDataset as exc:  # answered already: index what we have
@@ -1298,6 +1301,15 @@ def _try(func: Any, arg: Any) -> OSError | None:
     return None
 
 
+def hash_after_answer(item: _Item) -> None:
+    """The SHA-256 of an in-memory data set (see ``Ingest.__init__``)."""
+    if item.data is not None and not item.sha256:
+        h = hashlib.sha256()
+        for part in item.data:
+            h.update(part)
+        item.sha256 = h.hexdigest()
+
+
 class Ingest:
     """One incoming instance: fragments in, a committed file (or a failure status) out.
 
@@ -1334,10 +1346,15 @@ class Ingest:
         self.fd = -1
         self.size = 0
         self.meta = b""
-        # Hashed as the fragments arrive, on the event loop, while they are still in this
-        # CPU's cache: measured (bench_store.py, CT 526 KiB), hashing them later in the
-        # committer thread cost 0.26 ms more CPU per instance and a quarter of the rate.
+        # SHA-256 on the event loop, while the data is still in this CPU's cache: hashing
+        # it later in the committer thread cost 0.26 ms more CPU per CT instance (526 KiB)
+        # and a quarter of the rate (bench_store.py). A durable data set (its journal
+        # record needs the digest) and a streamed one are hashed fragment by fragment as
+        # they arrive; one held in memory under ``none`` right after its answer is written
+        # (``hash_after_answer``), in the time the loop would otherwise wait for the peer's
+        # next request.
         self._hash = hashlib.sha256()
+        self._hash_now = archive.durable
         self._parts: list[bytes | memoryview] = []
         self._gathered = 0
         self._writing: asyncio.Future[Any] | None = None
@@ -1348,7 +1365,8 @@ class Ingest:
     # loop side
     def add(self, fragment: bytes | memoryview) -> bool:
         """Take one fragment; True when a chunk should be flushed to disk."""
-        self._hash.update(fragment)
+        if self._hash_now:
+            self._hash.update(fragment)
         self._parts.append(fragment)
         self._gathered += len(fragment)
         return self._gathered > INLINE_MAX or (
@@ -1357,6 +1375,10 @@ class Ingest:
 
     async def flush(self) -> None:
         """Hand what is gathered to an I/O thread (waiting for the previous chunk only)."""
+        if not self._hash_now:  # streaming after all: hash what came so far, then the rest
+            self._hash_now = True
+            for part in self._parts:
+                self._hash.update(part)
         chunk = b"".join(self._parts)
         self._parts, self._gathered = [], 0
         if self._writing is not None:
@@ -1461,6 +1483,10 @@ class Ingest:
         self.meta = self._meta()
         self.size = len(self.meta) + self._gathered
         item = self._item(info, data=list(parts))
+        if not self._hash_now:
+            item.sha256 = ""  # not hashed yet (see __init__)
+            if self._gathered < HASH_AFTER_ANSWER_MIN:
+                hash_after_answer(item)  # a few µs: not worth deferring
         if not self.archive.durable:
             try:
                 self.archive.place(item)
@@ -1504,8 +1530,14 @@ class Ingest:
             # committer is that far behind: then this sender waits for it, and so slows).
             item.answered = item.early = True
             archive.answered_bytes += item.size  # written by the event loop only
+            if not item.sha256:
+                # Runs after this task step, i.e. after the answer is written; before
+                # submit_later hands the item to the committer (SUBMIT_DELAY later).
+                self._loop.call_soon(hash_after_answer, item)
             archive.submit_later(item, self._loop)
             return Outcome(STATUS_SUCCESS, path=item.final)
+        if not item.sha256:
+            hash_after_answer(item)  # the committer decides first: hash it now, while warm
         item.future = self._loop.create_future()
         item.loop = self._loop
         self.archive.submit(item)
