@@ -3,11 +3,13 @@
 One C-STORE's walk (DESIGN.md "acknowledge only what is durable"):
 
 1. ``Ingest`` (one per request, driven from the event loop) hashes (SHA-256) each fragment
-   as it arrives. A data set that arrives whole and fits in ``INLINE_MAX`` stays in
-   memory; it is scanned (``extract.scan``: structure, identity against the command, the
-   index values) on the event loop as soon as it is complete. A larger one is written by an
-   I/O thread into ``ROOT/.incoming/<random>.part`` behind a file meta written by dicomd as
-   its fragments arrive, and scanned there.
+   as it arrives (under ``none``, a data set of 64 KiB or more held in memory is hashed
+   instead right after its answer is written, see ``Ingest.__init__``). A data set that
+   arrives whole and fits in ``INLINE_MAX`` stays in memory; it is scanned
+   (``extract.scan``: structure, identity against the command, the index values) on the
+   event loop as soon as it is complete. A larger one is written by an I/O thread into
+   ``ROOT/.incoming/<random>.part`` behind a file meta written by dicomd as its fragments
+   arrive, and scanned there.
 2. Placing a file: its final path is chosen (never an existing file: ``O_EXCL`` / ``link``,
    the next free name on a collision) and named in the archive journal (an *intent*
    record) before the file appears there; the data set is written behind the file meta

@@ -177,8 +177,8 @@ class StorageService(Service):
             return
         sop_class = command.affected_sop_class_uid or ""
         sop_instance = command.affected_sop_instance_uid or ""
-        # Logged with the instance's UIDs only when there is something to say: binding
-        # a logger for every instance cost as much as answering its C-STORE.
+        # The instance's UIDs go into the lines that are written; binding a logger for
+        # every instance was a measurable share of a small C-STORE's time on the loop.
         log = association.log
         uids = {"sop_instance_uid": sop_instance, "sop_class_uid": sop_class}
         ingest = self.archive.ingest(
