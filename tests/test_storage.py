@@ -508,14 +508,17 @@ def _series(run: str, n: int, pixel_bytes: int = 5000) -> list[tuple[str, bytes]
     ]
 
 
+# 20 kB data sets are hashed before their answer; 200 kB ones (>= HASH_AFTER_ANSWER_MIN)
+# right after it, on the event loop: the index must hold the right digest either way.
+@pytest.mark.parametrize("pixel_bytes", [20_000, 200_000])
 async def test_none_answers_when_written_and_indexes_everything(
-    dicomd: Dicomd, tmp_path: Path
+    dicomd: Dicomd, tmp_path: Path, pixel_bytes: int
 ) -> None:
     """durability none, keep: 0000 once the file is written; the index follows from the
     queue with every value (decoded off the answer's path), duplicates handled there."""
     port = free_port()
     dicomd.start(storage_config(tmp_path, port, durability="none"))
-    items = _series("9", 60, pixel_bytes=20_000)
+    items = _series("9", 60, pixel_bytes=pixel_bytes)
     statuses = await _store(port, "DICOMD", items + items[:5])  # 5 duplicates (keep)
     assert [s for s, _ in statuses] == [0] * 65
     db, root = tmp_path / "index.sqlite", tmp_path / "archive"
