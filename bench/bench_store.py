@@ -247,6 +247,11 @@ class Server:
         self.proc = None
 
 
+# --src LABEL=PATH: "dicomd-none@LABEL" runs dicomd from the checkout at PATH (an A/B of two
+# builds side by side, in the same rounds; a git worktree of the other commit will do).
+SOURCES: dict[str, Path] = {}
+
+
 def build_server(kind: str, run_dir: Path, assocs: int) -> Server:
     import yaml
 
@@ -255,8 +260,10 @@ def build_server(kind: str, run_dir: Path, assocs: int) -> Server:
     store.mkdir()
     port = free_port()
     if kind.startswith("dicomd"):
-        # dicomd-<durability>[-w<workers>]
-        durability, _, workers = kind.split("-", 1)[1].partition("-w")
+        # dicomd-<durability>[-w<workers>][@<source label>]
+        base_kind, _, label = kind.partition("@")
+        source = SOURCES[label] if label else ROOT
+        durability, _, workers = base_kind.split("-", 1)[1].partition("-w")
         config: dict[str, Any] = {
             "run_as": {"allow_root": True},
             "shutdown_timeout": 5,
@@ -274,7 +281,7 @@ def build_server(kind: str, run_dir: Path, assocs: int) -> Server:
             config["workers"] = int(workers)
         (run_dir / "dicomd.yaml").write_text(yaml.safe_dump(config))
         cmd = [PYTHON, "-m", "dicomd", "run", "--config", str(run_dir / "dicomd.yaml")]
-        return Server(kind, "DICOMD", cmd, store, env={"PYTHONPATH": str(ROOT)}, port=port)
+        return Server(kind, "DICOMD", cmd, store, env={"PYTHONPATH": str(source)}, port=port)
     if kind == "storescp":
         cmd = ["storescp", "-od", str(store), "-aet", "STORESCP"]
         if assocs > 1:
@@ -644,6 +651,13 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, help="also write every run here")
     parser.add_argument(
+        "--src",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="a dicomd checkout to run as dicomd-<durability>@LABEL (A/B of two builds)",
+    )
+    parser.add_argument(
         "--no-warmup",
         dest="warmup",
         action="store_false",
@@ -660,7 +674,15 @@ def main() -> None:
     (work / "runs").mkdir()
     (work / "store.cfg").write_text(PROFILE)
     sets = make_sets(work)
+    for spec in args.src:
+        label, _, path = spec.partition("=")
+        if not label or not (Path(path) / "dicomd" / "__init__.py").is_file():
+            parser.error(f"--src {spec!r}: want LABEL=PATH of a dicomd checkout")
+        SOURCES[label] = Path(path).resolve()
     servers = [s for s in args.only.split(",") if s]
+    for s in servers:
+        if "@" in s and s.partition("@")[2] not in SOURCES:
+            parser.error(f"{s}: no --src {s.partition('@')[2]}=PATH")
     args.multi = [s for s in args.multi.split(",") if s]
     if "orthanc" in servers and shutil.which("Orthanc") is None:
         print("Orthanc is not installed: left out", flush=True)

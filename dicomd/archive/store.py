@@ -1348,9 +1348,10 @@ class Ingest:
         self.fd = -1
         self.size = 0
         self.meta = b""
-        # SHA-256 on the event loop, while the data is still in this CPU's cache: hashing
-        # it later in the committer thread cost 0.26 ms more CPU per CT instance (526 KiB)
-        # and a quarter of the rate (bench_store.py). A durable data set (its journal
+        # SHA-256 on the event loop, while the data is still in this CPU's cache: hashed
+        # later in the committer thread, on the other CPU, it cost up to 0.26 ms more CPU
+        # per CT instance (526 KiB) in some runs (bench_store.py; in others no difference,
+        # see bench/RESULTS.md). A durable data set (its journal
         # record needs the digest) and a streamed one are hashed fragment by fragment as
         # they arrive; one held in memory under ``none`` right after its answer is written
         # (``hash_after_answer``), in the time the loop would otherwise wait for the peer's
