@@ -1304,10 +1304,13 @@ def _try(func: Any, arg: Any) -> OSError | None:
 
 
 def hash_after_answer(item: _Item) -> None:
-    """The SHA-256 of an in-memory data set (see ``Ingest.__init__``)."""
-    if item.data is not None and not item.sha256:
+    """The SHA-256 of an in-memory data set (see ``Ingest.__init__``). Normally run on the
+    event loop before the committer sees the item; at shutdown the committer may get there
+    first (``close`` hands it what is waiting), hence one read of ``data``."""
+    data = item.data
+    if data is not None and not item.sha256:
         h = hashlib.sha256()
-        for part in item.data:
+        for part in data:
             h.update(part)
         item.sha256 = h.hexdigest()
 
