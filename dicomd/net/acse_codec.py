@@ -622,16 +622,16 @@ def encode_rq(
         seen.add(context_id)
         if not cx.transfer_syntaxes:
             raise ValueError(f"presentation context {context_id} without a transfer syntax")
-        value = [
+        items = [
             bytes((context_id, 0, 0, 0)),
             _item(_ABSTRACT_SYNTAX, _uid_field(cx.abstract_syntax, "abstract syntax")),
         ]
         # A transfer syntax listed twice is proposed once (as pynetdicom did).
-        value += [
+        items += [
             _item(_TRANSFER_SYNTAX, _uid_field(ts, "transfer syntax"))
             for ts in dict.fromkeys(cx.transfer_syntaxes)
         ]
-        parts.append(_sized_item(_PRESENTATION_CONTEXT_RQ, b"".join(value), "context"))
+        parts.append(_sized_item(_PRESENTATION_CONTEXT_RQ, b"".join(items), "context"))
 
     if not (isinstance(max_pdu_length, int) and 0 <= max_pdu_length <= 0xFFFFFFFF):
         raise ValueError(f"maximum PDU length {max_pdu_length!r} is not 0 to 2**32 - 1")

@@ -41,7 +41,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from dicomd.net.events import (
     ABORT_REASON_INVALID_PDU_PARAMETER,
@@ -369,7 +369,7 @@ def _encode_element(tag: int, value: object) -> bytes:
     return _HEADER.pack(0, tag, len(raw)) + raw
 
 
-def encode_command(fields: Mapping[int, object]) -> bytes:
+def encode_command(fields: Mapping[int, Any]) -> bytes:
     """Encode a command set (Implicit VR Little Endian, PS3.7 6.3.1).
 
     Keys are group-0000 element numbers (``0x0900`` for (0000,0900) Status; a full tag

@@ -130,7 +130,7 @@ def negotiate_contexts(
     offer does not support role selection we send no reply item, so the default roles
     (requestor SCU, acceptor SCP) apply.
     """
-    by_syntax = offers if type(offers) is dict else {o.abstract_syntax: o for o in offers}
+    by_syntax = offers if isinstance(offers, dict) else {o.abstract_syntax: o for o in offers}
     decisions: list[ContextDecision] = []
     accepted: dict[int, AcceptedContext] = {}
     role_replies: dict[str, tuple[bool, bool]] = {}

@@ -420,7 +420,7 @@ def encode_associate(pdu: bytes | AssociateRJ | object) -> bytes:
     if type(pdu) is bytes:
         return pdu
     try:
-        data = pdu.encode()  # type: ignore[attr-defined]
+        data = pdu.encode()  # type: ignore[union-attr]
     except Exception as exc:
         raise ValueError(f"cannot encode {type(pdu).__name__}: {exc!r}") from exc
     if len(data) < PDU_HEADER_LENGTH or _HEADER.unpack_from(data)[1] != len(data) - 6:
