@@ -1,9 +1,11 @@
 """Storage ingest benchmark: DCMTK storescu sending to dicomd and its peers, side by side.
 
     .venv/bin/python bench/bench_store.py                    # full run
-    .venv/bin/python bench/bench_store.py --rounds 1 --quick # short run for iteration
+    .venv/bin/python bench/bench_store.py --rounds 1         # short run for iteration
     .venv/bin/python bench/bench_store.py --only dicomd-none,storescp --sets small
     .venv/bin/python bench/bench_store.py --prefill-only     # ingest at 0 / 100 k / 1 M
+    .venv/bin/python bench/bench_store.py --src old=/tmp/old --only dicomd-none@old,dicomd-none \
+        --sets ct --assocs 1 --multi '' --prefill '' --rounds 6    # A/B two builds
 
 Client: DCMTK ``storescu`` with ``TCP_NODELAY=1`` and an association profile (``-xf``)
 proposing only explicit VR little endian, the files' own transfer syntax, so nothing is
@@ -16,10 +18,13 @@ converted. Sets (generated once into the work directory, new UIDs):
 Each set is sent over 1 association, and over 4 concurrent associations (4 storescu
 processes, a quarter of the files each), to every server: dicomd (``durability: none`` and
 ``full``), DCMTK storescp (``--fork`` for 4), dcmqrscp, a plain pynetdicom SCP writing each
-data set to a file, and Orthanc when installed. Servers alternate within each round; the
-table gives medians over rounds. Per run: instances/s (first client start to last client
-end), MB/s of Part-10 files sent, server CPU ms per instance (utime+stime of the server and
-its reaped children, /proc/PID/stat), server peak RSS (VmHWM of the main process), and
+data set to a file, and Orthanc when installed. The order of the servers rotates from round
+to round (each takes each place equally often over as many rounds as there are servers),
+and an uncounted warm-up run starts each group (``--no-warmup``): the first run of a group
+was the slow one on this project's VM, whoever ran it. The table gives medians over rounds.
+Per run: instances/s (first client start to last client end), MB/s of Part-10 files sent,
+server CPU ms per instance (utime+stime of the server and its reaped children,
+/proc/PID/stat), server peak RSS (VmHWM of the main process), and
 failures (instances not acknowledged, from storescu's exit status and stored counts).
 
 With several associations, dicomd also runs with 2 worker processes (``workers: 2``,
