@@ -188,6 +188,18 @@ def _parse_request(pdu: A_ASSOCIATE_RQ) -> AssociationRequest:
     )
 
 
+def _common_user_items(max_pdu_length: int) -> list[object]:
+    """Maximum length, implementation class UID and version name: the user-information
+    sub-items every RQ and AC of ours starts with (pynetdicom's classes)."""
+    max_len = MaximumLengthNotification()
+    max_len.maximum_length_received = max_pdu_length
+    impl_uid = ImplementationClassUIDNotification()
+    impl_uid.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
+    impl_version = ImplementationVersionNameNotification()
+    impl_version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    return [max_len, impl_uid, impl_version]
+
+
 def reference_encode_ac(
     request: AssociationRequest,
     negotiated: Negotiated,
@@ -211,13 +223,7 @@ def reference_encode_ac(
         cx.result = d.result
         results.append(cx)
     prim.presentation_context_definition_results_list = results
-    max_len = MaximumLengthNotification()
-    max_len.maximum_length_received = max_pdu_length
-    impl_uid = ImplementationClassUIDNotification()
-    impl_uid.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
-    impl_version = ImplementationVersionNameNotification()
-    impl_version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    info: list[object] = [max_len, impl_uid, impl_version]
+    info: list[object] = _common_user_items(max_pdu_length)
     for uid, (scu, scp) in negotiated.role_replies.items():
         role = SCP_SCU_RoleSelectionNegotiation()
         role.sop_class_uid = UID(uid)
@@ -266,13 +272,7 @@ def reference_encode_rq(
         cx.transfer_syntax = [UID(ts) for ts in c.transfer_syntaxes]
         pcs.append(cx)
     prim.presentation_context_definition_list = pcs
-    max_len = MaximumLengthNotification()
-    max_len.maximum_length_received = max_pdu_length
-    impl_uid = ImplementationClassUIDNotification()
-    impl_uid.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
-    impl_version = ImplementationVersionNameNotification()
-    impl_version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    info: list[object] = [max_len, impl_uid, impl_version]
+    info: list[object] = _common_user_items(max_pdu_length)
     for uid, (scu, scp) in (roles or {}).items():
         role = SCP_SCU_RoleSelectionNegotiation()
         role.sop_class_uid = UID(uid)
