@@ -438,13 +438,15 @@ class Server:
         env.pop("JOURNAL_STREAM", None)
         storage = self.workdir / "storage"
         storage.mkdir(parents=True, exist_ok=True)
-        if self.key == "dicomd":
+        if self.key.split("@")[0] == "dicomd":
             import yaml
 
             config = dicomd_config(self.workdir, self.port, self.called_ae)
             path = self.workdir / "dicomd.yaml"
             path.write_text(yaml.safe_dump(config, sort_keys=False))
-            return [sys.executable, "-m", "dicomd", "run", "--config", str(path)], env
+            python = server_python(self.key)
+            env["PYTHONPATH"] = str(HERE.parent)
+            return [python, "-m", "dicomd", "run", "--config", str(path)], env
         if self.key.startswith("storescp"):
             env["TCP_NODELAY"] = "1"
             mode = "--fork" if self.key == "storescp-fork" else "--single-process"
@@ -527,6 +529,35 @@ SERVER_DEFS = {
     "pynetdicom": ("pynetdicom 3.0.4 SCP", "PYNETDICOM"),
     "canned": ("floor: uvloop canned replies (not DICOM)", "DICOMD"),
 }
+# --python LABEL=PATH: "dicomd@LABEL" runs this checkout's dicomd on another interpreter,
+# side by side with "dicomd" (which runs on the one running this script). The Debian
+# package runs dicomd on Debian's /usr/bin/python3 (built with PGO and LTO); a
+# development interpreter (pyenv's default build has neither) is markedly slower.
+PYTHONS: dict[str, str] = {}
+
+
+def server_python(key: str) -> str:
+    _, _, label = key.partition("@")
+    return PYTHONS[label] if label else sys.executable
+
+
+def add_python(spec: str) -> str:
+    """Register ``LABEL=PATH`` (an interpreter with dicomd's dependencies); its key."""
+    label, sep, path = spec.partition("=")
+    if not sep or not label or not Path(path).exists():
+        raise SystemExit(f"--python wants LABEL=PATH of an interpreter, not {spec!r}")
+    PYTHONS[label] = path
+    key = f"dicomd@{label}"
+    version = subprocess.run(
+        [path, "-c", "import sys; print(sys.version.split()[0])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    SERVER_DEFS[key] = (f"dicomd on {path} ({version})", "DICOMD")
+    return key
+
+
 NO_IDLE_TEST = {
     "storescp": "one association at a time: it cannot hold idle associations",
     "canned": "a reference for the association rate only",
@@ -1018,8 +1049,14 @@ def main() -> None:
     p.add_argument(
         "--only",
         action="append",
-        choices=list(SERVER_DEFS),
-        help="run only these servers (repeatable)",
+        help=f"run only these servers (repeatable): {', '.join(SERVER_DEFS)}, or dicomd@LABEL",
+    )
+    p.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="also run dicomd on this interpreter, as dicomd@LABEL (A/B of interpreters)",
     )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=5.0, help="seconds per rate measurement")
@@ -1068,11 +1105,18 @@ def main() -> None:
         help="only print the report of a run saved with --json",
     )
     args = p.parse_args()
+    for spec in args.python:
+        add_python(spec)
+    for key in args.only or []:
+        if key not in SERVER_DEFS:
+            p.error(f"--only {key}: not one of {', '.join(SERVER_DEFS)}")
     if args.report_from:
         saved = json.loads(args.report_from.read_text())
         for key, value in saved["args"].items():
             setattr(args, key, value)
-        servers = [Server(k, *SERVER_DEFS[k], workdir=Path()) for k in saved["results"]]
+        servers = [
+            Server(k, *SERVER_DEFS.get(k, (k, "DICOMD")), workdir=Path()) for k in saved["results"]
+        ]
         print(report(saved["results"], servers, args, saved["info"]))
         return
     if args.quick:

@@ -255,6 +255,10 @@ class Server:
 # --src LABEL=PATH: "dicomd-none@LABEL" runs dicomd from the checkout at PATH (an A/B of two
 # builds side by side, in the same rounds; a git worktree of the other commit will do).
 SOURCES: dict[str, Path] = {}
+# --python LABEL=PATH: "dicomd-none@LABEL" runs dicomd on that interpreter (with --src of the
+# same label too: that checkout on that interpreter). The Debian package runs dicomd on
+# Debian's /usr/bin/python3, built with PGO and LTO; pyenv's default build has neither.
+PYTHONS: dict[str, str] = {}
 
 
 def build_server(kind: str, run_dir: Path, assocs: int) -> Server:
@@ -267,7 +271,8 @@ def build_server(kind: str, run_dir: Path, assocs: int) -> Server:
     if kind.startswith("dicomd"):
         # dicomd-<durability>[-w<workers>][@<source label>]
         base_kind, _, label = kind.partition("@")
-        source = SOURCES[label] if label else ROOT
+        source = SOURCES.get(label, ROOT)
+        python = PYTHONS.get(label, PYTHON)
         durability, _, workers = base_kind.split("-", 1)[1].partition("-w")
         config: dict[str, Any] = {
             "run_as": {"allow_root": True},
@@ -285,7 +290,7 @@ def build_server(kind: str, run_dir: Path, assocs: int) -> Server:
         if workers:
             config["workers"] = int(workers)
         (run_dir / "dicomd.yaml").write_text(yaml.safe_dump(config))
-        cmd = [PYTHON, "-m", "dicomd", "run", "--config", str(run_dir / "dicomd.yaml")]
+        cmd = [python, "-m", "dicomd", "run", "--config", str(run_dir / "dicomd.yaml")]
         return Server(kind, "DICOMD", cmd, store, env={"PYTHONPATH": str(source)}, port=port)
     if kind == "storescp":
         cmd = ["storescp", "-od", str(store), "-aet", "STORESCP"]
@@ -663,6 +668,13 @@ def main() -> None:
         help="a dicomd checkout to run as dicomd-<durability>@LABEL (A/B of two builds)",
     )
     parser.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="an interpreter (with dicomd's dependencies) to run dicomd-<durability>@LABEL on",
+    )
+    parser.add_argument(
         "--no-warmup",
         dest="warmup",
         action="store_false",
@@ -684,10 +696,16 @@ def main() -> None:
         if not label or not (Path(path) / "dicomd" / "__init__.py").is_file():
             parser.error(f"--src {spec!r}: want LABEL=PATH of a dicomd checkout")
         SOURCES[label] = Path(path).resolve()
+    for spec in args.python:
+        label, _, path = spec.partition("=")
+        if not label or not Path(path).is_file():
+            parser.error(f"--python {spec!r}: want LABEL=PATH of an interpreter")
+        PYTHONS[label] = path
     servers = [s for s in args.only.split(",") if s]
     for s in servers:
-        if "@" in s and s.partition("@")[2] not in SOURCES:
-            parser.error(f"{s}: no --src {s.partition('@')[2]}=PATH")
+        label = s.partition("@")[2]
+        if "@" in s and label not in SOURCES and label not in PYTHONS:
+            parser.error(f"{s}: no --src or --python {label}=PATH")
     args.multi = [s for s in args.multi.split(",") if s]
     if "orthanc" in servers and shutil.which("Orthanc") is None:
         print("Orthanc is not installed: left out", flush=True)

@@ -99,20 +99,34 @@ def measure(key: str, n: int, workdir: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--only", action="append", choices=["dicomd", "storescp", "canned"], default=None
+        "--only",
+        action="append",
+        default=None,
+        help="dicomd, storescp, canned or dicomd@LABEL (repeatable)",
+    )
+    parser.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="also run dicomd on this interpreter, as dicomd@LABEL",
     )
     parser.add_argument("-n", type=int, default=15000, help="associations per run")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/dicomd-echo-steps"))
     args = parser.parse_args()
-    keys = args.only or ["dicomd", "storescp", "canned"]
+    added = [bench.add_python(spec) for spec in args.python]
+    keys = args.only or ["dicomd", *added, "storescp", "canned"]
+    for key in keys:
+        if key not in bench.SERVER_DEFS:
+            parser.error(f"--only {key}: not a server (use --python LABEL=PATH for dicomd@LABEL)")
     print(f"median µs per step, {args.n} associations per run, load {os.getloadavg()[0]:.2f}")
-    print(f"{'server':10s}" + "".join(f"{s:>9s}" for s in (*STEPS, "total")) + "   assoc/s")
+    print(f"{'server':14s}" + "".join(f"{s:>9s}" for s in (*STEPS, "total")) + "   assoc/s")
     for _ in range(args.rounds):
         for key in keys:
             r = measure(key, args.n, args.work)
             row = "".join(f"{r[s]:9.1f}" for s in (*STEPS, "total"))
-            print(f"{key:10s}{row}   {r['rate']:7.0f}", flush=True)
+            print(f"{key:14s}{row}   {r['rate']:7.0f}", flush=True)
     print(f"load at the end {os.getloadavg()[0]:.2f}")
 
 
