@@ -227,12 +227,21 @@ class Server:
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    # dicomd runs from its checkout: ``python -m`` puts the working directory first on
+    # sys.path, ahead of PYTHONPATH, so started from another checkout it would import that
+    # one's dicomd (an A/B with --src would compare a build with itself).
+    cwd: Path | None = None
 
     def start(self) -> None:
         env = {**os.environ, "TCP_NODELAY": "1", **self.env}
         log = open(self.store_dir.parent / f"{self.name}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            self.cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            cwd=self.cwd,
         )
         log.close()
         wait_port(self.port, self.proc)
@@ -291,7 +300,9 @@ def build_server(kind: str, run_dir: Path, assocs: int) -> Server:
             config["workers"] = int(workers)
         (run_dir / "dicomd.yaml").write_text(yaml.safe_dump(config))
         cmd = [python, "-m", "dicomd", "run", "--config", str(run_dir / "dicomd.yaml")]
-        return Server(kind, "DICOMD", cmd, store, env={"PYTHONPATH": str(source)}, port=port)
+        return Server(
+            kind, "DICOMD", cmd, store, env={"PYTHONPATH": str(source)}, port=port, cwd=source
+        )
     if kind == "storescp":
         cmd = ["storescp", "-od", str(store), "-aet", "STORESCP"]
         if assocs > 1:
