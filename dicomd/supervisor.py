@@ -26,7 +26,7 @@ from dicomd.config import ConfigError, LoadedConfig, load_config
 from dicomd.logging import get_logger
 from dicomd.services.base import Service, ServiceContext
 from dicomd.services.registry import Registry, discover
-from dicomd.system import activation, memory, privileges, sd_notify
+from dicomd.system import activation, privileges, sd_notify
 from dicomd.tls import PEER_SSL_CONTEXTS, TlsAcceptor, peer_contexts, server_context
 from dicomd.transport import Link
 
@@ -525,8 +525,6 @@ def choose_event_loop(setting: str) -> str:
 def run(loaded: LoadedConfig, config_path: Path | None) -> int:
     from dicomd.workers import run_workers, worker_count
 
-    # Before any data set is received (and before workers fork: they inherit it).
-    malloc_tuned = memory.tune_malloc()
     if worker_count(loaded.config.workers) > 1:
         return run_workers(loaded, config_path)
     loop_name = choose_event_loop(loaded.config.event_loop)
@@ -555,11 +553,7 @@ def run(loaded: LoadedConfig, config_path: Path | None) -> int:
             log.error("startup_failed", reason=str(exc))
             return 1
         log.info(
-            "started",
-            event_loop=loop_name,
-            pid=os.getpid(),
-            max_open_files=raise_file_limit()[0],
-            malloc_tuned=malloc_tuned,
+            "started", event_loop=loop_name, pid=os.getpid(), max_open_files=raise_file_limit()[0]
         )
         await supervisor.serve_until_stopped()
         return 0
