@@ -1,0 +1,63 @@
+"""The benchmarks' A/B switches run what they name (bench/bench_store.py, bench/bench_echo.py).
+
+Until c9011e3, ``bench_store.py --src LABEL=PATH`` started dicomd in the caller's working
+directory; ``python -m dicomd`` puts that directory first on ``sys.path``, ahead of
+``PYTHONPATH``, so every label ran the current checkout and an A/B compared a build with
+itself. These tests start the server command the way the benchmark does and ask the child
+which dicomd it imported and on which interpreter it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def bench_store(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import bench_store
+
+    monkeypatch.setattr(bench_store, "SOURCES", {})
+    monkeypatch.setattr(bench_store, "PYTHONS", {})
+    return bench_store
+
+
+def _imported_by(server, probe: str) -> str:  # type: ignore[no-untyped-def]
+    """Run ``probe`` with the server's interpreter, environment and working directory."""
+    env = {**os.environ, **server.env}
+    return subprocess.run(
+        [server.cmd[0], "-c", probe],
+        cwd=server.cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
+def test_src_label_runs_that_checkout(bench_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    other = tmp_path / "other"
+    (other / "dicomd").mkdir(parents=True)
+    (other / "dicomd" / "__init__.py").write_text("MARK = 'other checkout'\n")
+    bench_store.SOURCES["old"] = other
+    server = bench_store.build_server("dicomd-none@old", tmp_path / "run-old", 1)
+    # What `python -m dicomd` would import, started the way Server.start() starts it.
+    probe = "import sys; sys.path.insert(0, ''); import dicomd; print(dicomd.__file__)"
+    assert _imported_by(server, probe) == str(other / "dicomd" / "__init__.py")
+    plain = bench_store.build_server("dicomd-none", tmp_path / "run-plain", 1)
+    assert _imported_by(plain, probe) == str(ROOT / "dicomd" / "__init__.py")
+
+
+def test_python_label_runs_that_interpreter(bench_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    bench_store.PYTHONS["alt"] = sys.executable
+    server = bench_store.build_server("dicomd-full@alt", tmp_path / "run-alt", 1)
+    assert server.cmd[0] == sys.executable
+    probe = "import sys; sys.path.insert(0, ''); import dicomd; print(dicomd.__file__)"
+    assert _imported_by(server, probe) == str(ROOT / "dicomd" / "__init__.py")
