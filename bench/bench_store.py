@@ -270,6 +270,44 @@ SOURCES: dict[str, Path] = {}
 PYTHONS: dict[str, str] = {}
 
 
+def add_label_options(parser: argparse.ArgumentParser) -> None:
+    """--src and --python (also used by store_steps.py)."""
+    parser.add_argument(
+        "--src",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="a dicomd checkout to run as dicomd-<durability>@LABEL (A/B of two builds)",
+    )
+    parser.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="an interpreter (with dicomd's dependencies) to run dicomd-<durability>@LABEL on",
+    )
+
+
+def apply_label_options(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, servers: list[str]
+) -> None:
+    """Fill SOURCES and PYTHONS from the options; every LABEL in ``servers`` must be known."""
+    for spec in args.src:
+        label, _, path = spec.partition("=")
+        if not label or not (Path(path) / "dicomd" / "__init__.py").is_file():
+            parser.error(f"--src {spec!r}: want LABEL=PATH of a dicomd checkout")
+        SOURCES[label] = Path(path).resolve()
+    for spec in args.python:
+        label, _, path = spec.partition("=")
+        if not label or not Path(path).is_file():
+            parser.error(f"--python {spec!r}: want LABEL=PATH of an interpreter")
+        PYTHONS[label] = path
+    for s in servers:
+        label = s.partition("@")[2]
+        if "@" in s and label not in SOURCES and label not in PYTHONS:
+            parser.error(f"{s}: no --src or --python {label}=PATH")
+
+
 def build_server(kind: str, run_dir: Path, assocs: int) -> Server:
     import yaml
 
@@ -671,20 +709,7 @@ def main() -> None:
         help="dicomd variants measured at the pre-filled indexes",
     )
     parser.add_argument("--json", type=Path, help="also write every run here")
-    parser.add_argument(
-        "--src",
-        action="append",
-        default=[],
-        metavar="LABEL=PATH",
-        help="a dicomd checkout to run as dicomd-<durability>@LABEL (A/B of two builds)",
-    )
-    parser.add_argument(
-        "--python",
-        action="append",
-        default=[],
-        metavar="LABEL=PATH",
-        help="an interpreter (with dicomd's dependencies) to run dicomd-<durability>@LABEL on",
-    )
+    add_label_options(parser)
     parser.add_argument(
         "--no-warmup",
         dest="warmup",
@@ -702,21 +727,8 @@ def main() -> None:
     (work / "runs").mkdir()
     (work / "store.cfg").write_text(PROFILE)
     sets = make_sets(work)
-    for spec in args.src:
-        label, _, path = spec.partition("=")
-        if not label or not (Path(path) / "dicomd" / "__init__.py").is_file():
-            parser.error(f"--src {spec!r}: want LABEL=PATH of a dicomd checkout")
-        SOURCES[label] = Path(path).resolve()
-    for spec in args.python:
-        label, _, path = spec.partition("=")
-        if not label or not Path(path).is_file():
-            parser.error(f"--python {spec!r}: want LABEL=PATH of an interpreter")
-        PYTHONS[label] = path
     servers = [s for s in args.only.split(",") if s]
-    for s in servers:
-        label = s.partition("@")[2]
-        if "@" in s and label not in SOURCES and label not in PYTHONS:
-            parser.error(f"{s}: no --src or --python {label}=PATH")
+    apply_label_options(parser, args, servers)
     args.multi = [s for s in args.multi.split(",") if s]
     if "orthanc" in servers and shutil.which("Orthanc") is None:
         print("Orthanc is not installed: left out", flush=True)

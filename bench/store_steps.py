@@ -52,7 +52,6 @@ from dicomd.net.pdu import encode_release_rq  # noqa: E402
 WARMUP = 100
 A_ASSOCIATE_AC = 0x02
 P_DATA_TF = 0x04
-A_RELEASE_RP = 0x06
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -169,32 +168,10 @@ def main() -> None:
         default=Path("/dev/shm/dicomd-store-steps"),
         help="where the servers' archives go (default: a tmpfs, see the module docstring)",
     )
-    parser.add_argument(
-        "--python",
-        action="append",
-        default=[],
-        metavar="LABEL=PATH",
-        help="an interpreter to run dicomd-<durability>@LABEL on (see bench_store.py)",
-    )
-    parser.add_argument(
-        "--src",
-        action="append",
-        default=[],
-        metavar="LABEL=PATH",
-        help="a dicomd checkout to run as dicomd-<durability>@LABEL (see bench_store.py)",
-    )
+    bs.add_label_options(parser)
     args = parser.parse_args()
-    for spec in args.src:
-        label, _, path = spec.partition("=")
-        if not label or not (Path(path) / "dicomd" / "__init__.py").is_file():
-            parser.error(f"--src {spec!r}: want LABEL=PATH of a dicomd checkout")
-        bs.SOURCES[label] = Path(path).resolve()
-    for spec in args.python:
-        label, _, path = spec.partition("=")
-        if not label or not Path(path).is_file():
-            parser.error(f"--python {spec!r}: want LABEL=PATH of an interpreter")
-        bs.PYTHONS[label] = path
     servers = [s for s in args.only.split(",") if s]
+    bs.apply_label_options(parser, args, servers)
     work: Path = args.work
     args.runs.mkdir(parents=True, exist_ok=True)
     instances = load(bs.make_sets(work)[args.set])
