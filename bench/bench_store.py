@@ -398,6 +398,7 @@ class Result:
     rss_mib: float
     failed: int
     note: str = ""
+    round: int = 0  # 1-based in the side-by-side rounds; 0 elsewhere (pre-filled runs)
 
 
 def warm_up(kind: str, dataset: str, files: list[Path], assocs: int, work: Path) -> None:
@@ -672,6 +673,36 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines + [""] + [f"- {n}" for n in notes])
 
 
+def paired(results: list[Result], versus: str) -> str:
+    """Each server against ``versus`` round by round (same set, same associations).
+
+    On this project's VM a server's rate swings by up to 2x from round to round (the host,
+    the page cache), in step for the servers of one round more than across rounds: the
+    ratio within each round, and in how many rounds a build is ahead, separate two builds
+    better than the medians of the table do."""
+    rates: dict[tuple[str, int, str], dict[int, float]] = {}
+    for r in results:
+        if r.round:
+            rates.setdefault((r.dataset, r.assocs, r.server), {})[r.round] = r.inst_per_s
+    lines = [
+        f"| set | assocs | server | ÷ {versus}, median of the rounds | ahead in | per round |",
+        "|---|---|---|---:|---:|---|",
+    ]
+    for (ds, n, server), by_round in sorted(rates.items()):
+        ref = rates.get((ds, n, versus))
+        if server == versus or not ref:
+            continue
+        ratios = [by_round[k] / ref[k] for k in sorted(by_round) if ref.get(k)]
+        if not ratios:
+            continue
+        ahead = sum(x > 1 for x in ratios)
+        lines.append(
+            f"| {ds} | {n} | {server} | {statistics.median(ratios):.2f} | "
+            f"{ahead} of {len(ratios)} | {' '.join(f'{x:.2f}' for x in ratios)} |"
+        )
+    return "\n".join(lines)
+
+
 @contextlib.contextmanager
 def cleanup_on_signal() -> Iterator[None]:
     def handler(signum: int, _frame: Any) -> None:
@@ -709,6 +740,12 @@ def main() -> None:
         help="dicomd variants measured at the pre-filled indexes",
     )
     parser.add_argument("--json", type=Path, help="also write every run here")
+    parser.add_argument(
+        "--versus",
+        metavar="SERVER",
+        help="also compare every server with this one round by round (an A/B: the ratio "
+        "in each round and in how many rounds each is ahead)",
+    )
     add_label_options(parser)
     parser.add_argument(
         "--no-warmup",
@@ -730,6 +767,8 @@ def main() -> None:
     servers = [s for s in args.only.split(",") if s]
     apply_label_options(parser, args, servers)
     args.multi = [s for s in args.multi.split(",") if s]
+    if args.versus and args.versus not in servers + args.multi:
+        parser.error(f"--versus {args.versus}: not among the servers (--only, --multi)")
     if "orthanc" in servers and shutil.which("Orthanc") is None:
         print("Orthanc is not installed: left out", flush=True)
         servers.remove("orthanc")
@@ -742,6 +781,9 @@ def main() -> None:
         shutil.rmtree(work / "runs", ignore_errors=True)
     print(f"load average at end: {loadavg()}\n", flush=True)
     print(table(results))
+    if args.versus:
+        print()
+        print(paired(results, args.versus))
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in results], indent=1))
 
@@ -770,6 +812,7 @@ def run_all(
                         warm_up(order[0], ds, sets[ds], n, work)
                     for kind in order:
                         r = run_once(kind, ds, sets[ds], n, work)
+                        r.round = rnd + 1
                         results.append(r)
                         print(
                             f"round {rnd + 1} {ds}x{n} {kind}: {r.inst_per_s:.0f} inst/s "

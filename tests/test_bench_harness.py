@@ -61,3 +61,20 @@ def test_python_label_runs_that_interpreter(bench_store, tmp_path: Path) -> None
     assert server.cmd[0] == sys.executable
     probe = "import sys; sys.path.insert(0, ''); import dicomd; print(dicomd.__file__)"
     assert _imported_by(server, probe) == str(ROOT / "dicomd" / "__init__.py")
+
+
+def test_paired_compares_within_each_round(bench_store) -> None:  # type: ignore[no-untyped-def]
+    """``--versus``: the ratio is taken round by round, not between the medians (which,
+    with one slow round each at different places, would call these two builds level)."""
+    R = bench_store.Result
+    rates = {"a": [1000, 400, 1000, 1000], "b": [1100, 440, 500, 1100]}
+    results = [
+        R(server, "small", 4, ips, 0.0, 0.0, 0.0, 0, round=k + 1)
+        for server, series in rates.items()
+        for k, ips in enumerate(series)
+    ]
+    results.append(R("b", "small", 4, 9999, 0.0, 0.0, 0.0, 0))  # pre-filled run: no round
+    text = bench_store.paired(results, "a")
+    row = [line for line in text.splitlines() if line.startswith("| small | 4 | b |")]
+    assert row == ["| small | 4 | b | 1.10 | 3 of 4 | 1.10 1.10 0.50 1.10 |"]
+    assert "| a |" not in text  # the reference is not compared with itself
