@@ -743,8 +743,10 @@ def main() -> None:
     parser.add_argument(
         "--versus",
         metavar="SERVER",
+        action="append",
+        default=[],
         help="also compare every server with this one round by round (an A/B: the ratio "
-        "in each round and in how many rounds each is ahead)",
+        "in each round and in how many rounds each is ahead); repeatable",
     )
     add_label_options(parser)
     parser.add_argument(
@@ -767,8 +769,9 @@ def main() -> None:
     servers = [s for s in args.only.split(",") if s]
     apply_label_options(parser, args, servers)
     args.multi = [s for s in args.multi.split(",") if s]
-    if args.versus and args.versus not in servers + args.multi:
-        parser.error(f"--versus {args.versus}: not among the servers (--only, --multi)")
+    for ref in args.versus:
+        if ref not in servers + args.multi:
+            parser.error(f"--versus {ref}: not among the servers (--only, --multi)")
     if "orthanc" in servers and shutil.which("Orthanc") is None:
         print("Orthanc is not installed: left out", flush=True)
         servers.remove("orthanc")
@@ -781,9 +784,9 @@ def main() -> None:
         shutil.rmtree(work / "runs", ignore_errors=True)
     print(f"load average at end: {loadavg()}\n", flush=True)
     print(table(results))
-    if args.versus:
+    for ref in args.versus:
         print()
-        print(paired(results, args.versus))
+        print(paired(results, ref))
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in results], indent=1))
 
