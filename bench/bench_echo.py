@@ -870,6 +870,32 @@ def machine_info() -> dict[str, str]:
     }
 
 
+def paired_lines(
+    results: dict[str, Any], servers: list[Server], ref_key: str, k1: str, k4: str
+) -> list[str]:
+    """Each server's rate over the reference's in the same round, and in how many rounds it
+    was ahead: on a shared VM whose speed drifts, steadier than the ratio of the medians."""
+    lines = [f"Round by round, rate ÷ {ref_key}'s in the same round (rounds ahead):\n"]
+    ref = results[ref_key]
+    for s in servers:
+        if s.key == ref_key:
+            continue
+        parts = []
+        for key, clients in ((k1, 1), (k4, 4)):
+            pairs = zip(results[s.key][key], ref[key], strict=False)
+            ratios = [a["rate"] / b["rate"] for a, b in pairs if a["rate"] and b["rate"]]
+            if ratios:
+                ahead = sum(x > 1 for x in ratios)
+                parts.append(
+                    f"{clients} client{'s' if clients > 1 else ''}: "
+                    f"{' '.join(f'{x:.2f}' for x in ratios)} ({ahead} of {len(ratios)})"
+                )
+        if parts:
+            lines.append(f"- {s.label}: {'; '.join(parts)}")
+    lines.append("")
+    return lines
+
+
 def report(
     results: dict[str, Any],
     servers: list[Server],
@@ -947,6 +973,8 @@ def report(
             if samples:
                 lines.append(f"  - errors: {'; '.join(sorted(samples))}")
         lines.append("")
+        if ref_key is not None:
+            lines.extend(paired_lines(results, servers, ref_key, k1, k4))
 
     idle = [(s, i) for s in servers for i in results[s.key].get("idle", [])]
     if idle:

@@ -78,3 +78,24 @@ def test_paired_compares_within_each_round(bench_store) -> None:  # type: ignore
     row = [line for line in text.splitlines() if line.startswith("| small | 4 | b |")]
     assert row == ["| small | 4 | b | 1.10 | 3 of 4 | 1.10 1.10 0.50 1.10 |"]
     assert "| a |" not in text  # the reference is not compared with itself
+
+
+def test_echo_rounds_compared_within_each_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import bench_echo
+
+    k1, k4 = bench_echo.rate_keys("")
+    runs = {
+        "storescp": ([1000, 500, 1000], [900, 900, 900]),
+        "dicomd": ([1100, 450, 900], [2000] * 3),
+    }
+    results = {
+        key: {k1: [{"rate": x} for x in one], k4: [{"rate": x} for x in four]}
+        for key, (one, four) in runs.items()
+    }
+    servers = [bench_echo.Server(key, key, "AE", Path("/nonexistent")) for key in runs]
+    lines = bench_echo.paired_lines(results, servers, "storescp", k1, k4)
+    assert (
+        "- dicomd: 1 client: 1.10 0.90 0.90 (1 of 3); 4 clients: 2.22 2.22 2.22 (3 of 3)" in lines
+    )
+    assert not any(line.startswith("- storescp") for line in lines)
