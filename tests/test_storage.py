@@ -798,3 +798,90 @@ def test_reindex_rebuilds_and_resumes(dicomd: Dicomd, tmp_path: Path) -> None:
     assert second.returncode == 0, second.stdout + second.stderr
     assert "0 indexed" in second.stdout and "1 stale row(s) removed" in second.stdout
     assert check_archive_consistent(tmp_path / "archive", db) == len(chosen) - 1
+
+
+# --- a sync that fails --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "pixel_bytes"),
+    [("journal", 5_000), ("journal", 300_000), ("instance file", 300_000)],
+)
+async def test_failed_sync_answers_a700_and_keeps_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str, pixel_bytes: int
+) -> None:
+    """``full``: when the journal's fdatasync (or a large instance's own, which is synced in
+    place) fails, every instance of the group is answered A700, its file removed and its
+    index row undone; the archive goes on storing once the disk does. Run in process: a
+    failing sync is injected, which no peer can cause. Groups of one (the journal synced
+    after the index, in the committer) and of several at once (the journal's sync in the
+    pool, overlapping the index) both take this path."""
+    from dicomd.archive.store import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Archive
+
+    root, db = tmp_path / "archive", tmp_path / "index.sqlite"
+    archive = Archive(
+        root,
+        "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm",
+        f"sqlite:///{db}",
+        "full",
+    )
+    archive.open()
+    real_fdatasync = os.fdatasync
+    failing = threading.Event()
+    failed: list[str] = []
+
+    def fdatasync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        is_journal = os.path.basename(name).startswith("journal-")
+        if failing.is_set() and is_journal == (target == "journal") and name.startswith(str(root)):
+            failed.append(name)
+            raise OSError(5, "Input/output error (injected)")
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+
+    async def store(run: str, n: int) -> list[int]:
+        async def one(uid: str, data: bytes) -> int:
+            ingest = archive.ingest(
+                sop_class_uid=SECONDARY_CAPTURE,
+                sop_instance_uid=uid,
+                transfer_syntax_uid=EXPLICIT,
+                calling_ae="TEST",
+                called_ae="DICOMD",
+                policy="reject",
+                min_free_space=0,
+            )
+            for start in range(0, len(data), 16384):
+                if ingest.add(data[start : start + 16384]):
+                    await ingest.flush()
+            try:
+                return (await ingest.finish()).status
+            except Exception as exc:  # StoreFailed: answered with its status
+                await ingest.discard()
+                return int(getattr(exc, "status", -1))
+
+        items = _series(run, n, pixel_bytes=pixel_bytes)
+        if n == 1:
+            return [await one(*items[0])]
+        return list(await asyncio.gather(*(one(uid, data) for uid, data in items)))
+
+    try:
+        assert await store("21", 2) == [STATUS_SUCCESS] * 2
+        failing.set()
+        alone = await store("22", 1)
+        together = await store("23", 6)
+        failing.clear()
+        after = await store("24", 3)
+    finally:
+        archive.close()
+    assert failed, "the injected failure was never hit"
+    assert alone == [STATUS_OUT_OF_RESOURCES]
+    assert together == [STATUS_OUT_OF_RESOURCES] * 6
+    assert after == [STATUS_SUCCESS] * 3
+    assert check_archive_consistent(root, db) == 5
+    stored = {
+        r["sop_instance_uid"] for r in index_rows(db, "SELECT sop_instance_uid FROM instance")
+    }
+    assert stored == {f"{UID_ROOT}.21.{i}" for i in range(2)} | {
+        f"{UID_ROOT}.24.{i}" for i in range(3)
+    }
