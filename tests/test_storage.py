@@ -483,7 +483,7 @@ async def test_disk_full_answers_a700_and_keeps_the_archive_whole(
 
 
 def wait_indexed(db: Path, count: int, timeout: float = 15.0) -> None:
-    """Under ``durability: none`` the index follows the answers by a few milliseconds."""
+    """Under ``durability: none`` the index follows the answers (within SUBMIT_DELAY)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if db.exists() and index_rows(db, "SELECT count(*) AS n FROM instance")[0]["n"] >= count:
