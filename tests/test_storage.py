@@ -816,7 +816,12 @@ async def test_failed_sync_answers_a700_and_keeps_nothing(
     failing sync is injected, which no peer can cause. Groups of one (the journal synced
     after the index, in the committer) and of several at once (the journal's sync in the
     pool, overlapping the index) both take this path."""
-    from dicomd.archive.store import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, Archive
+    from dicomd.archive.store import (
+        STATUS_OUT_OF_RESOURCES,
+        STATUS_SUCCESS,
+        Archive,
+        StoreFailed,
+    )
 
     root, db = tmp_path / "archive", tmp_path / "index.sqlite"
     archive = Archive(
@@ -856,9 +861,9 @@ async def test_failed_sync_answers_a700_and_keeps_nothing(
                     await ingest.flush()
             try:
                 return (await ingest.finish()).status
-            except Exception as exc:  # StoreFailed: answered with its status
+            except StoreFailed as exc:  # answered with its status
                 await ingest.discard()
-                return int(getattr(exc, "status", -1))
+                return exc.status
 
         items = _series(run, n, pixel_bytes=pixel_bytes)
         if n == 1:
