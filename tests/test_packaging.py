@@ -436,7 +436,13 @@ def test_install_start_as_root_and_purge_here(installed_here: Package, tmp_path:
         )
     try:
         wait_for_port(port, proc=proc)
+        # The listener is bound (and accepts into its backlog) before the privilege drop:
+        # wait for the drop, bounded, then check all of it at once.
+        deadline = time.monotonic() + 10
         ids = proc_ids(proc.pid)
+        while ids["Uid"][0] == "0" and time.monotonic() < deadline:
+            time.sleep(0.05)
+            ids = proc_ids(proc.pid)
         assert ids["Uid"] == [str(user.pw_uid)] * 4, ids
         assert ids["Gid"] == [str(group.gr_gid)] * 4, ids
         assert ids["NoNewPrivs"] == ["1"] and int(ids["CapEff"][0], 16) == 0, ids

@@ -70,8 +70,8 @@ def drop_privileges(user: str, group: str | None = None) -> None:
     """Become *user* (and *group*, default the user's primary group) for good.
 
     Order matters: supplementary groups and gids can only be changed while still root,
-    so initgroups → setresgid → setresuid; then prove the drop is irreversible (setuid(0)
-    must fail) and forbid regaining privileges through execve.
+    so initgroups → setresgid → setresuid, after forbidding regaining privileges through
+    execve (no_new_privs); then prove the drop is irreversible (setuid(0) must fail).
 
     When not running as root, the call succeeds only if the process already is that
     user and group (e.g. the unit's ``User=dicomd`` with ``run_as: dicomd`` in the config);
@@ -92,6 +92,10 @@ def drop_privileges(user: str, group: str | None = None) -> None:
             f"root (uid {os.getuid()}, gid {os.getgid()})"
         )
 
+    # First, while still root: no_new_privs does not hinder the id changes below (it only
+    # governs execve), and set first it is never missing from a process that already shows
+    # the new uid (a check of /proc/PID/status in between once saw uid 995, NoNewPrivs 0).
+    _set_no_new_privs()
     try:
         # Supplementary groups from /etc/group for the target user, plus gid; dropping
         # root's own supplementary groups is the point (root may be in e.g. "disk").
@@ -114,5 +118,3 @@ def drop_privileges(user: str, group: str | None = None) -> None:
         raise PrivilegeError(
             f"privilege drop did not hold: uids {os.getresuid()}, gids {os.getresgid()}"
         )
-
-    _set_no_new_privs()
