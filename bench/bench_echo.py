@@ -55,6 +55,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import calibrate  # bench/, on sys.path as the script's directory
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 HOST = "127.0.0.1"
@@ -1155,6 +1157,7 @@ def main() -> None:
     while os.getloadavg()[0] >= 1.0 and time.monotonic() < deadline:
         time.sleep(5)
     load_start = os.getloadavg()
+    speed = calibrate.describe(calibrate.machine_speed())  # before any server runs
 
     def terminate(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)  # unwinds through started(): the servers are stopped
@@ -1170,6 +1173,7 @@ def main() -> None:
 
             results = uvloop.run(run_all(args, servers))
     info = machine_info()
+    info["machine speed at start"] = speed
     info["load average at start / end"] = f"{load_start[0]:.2f} / {os.getloadavg()[0]:.2f}"
     info["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     text = report(results, servers, args, info)

@@ -78,6 +78,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import calibrate  # bench/, on sys.path as the script's directory
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
@@ -656,7 +658,7 @@ def machine() -> str:
     return (
         f"{os.cpu_count()} CPUs ({cpu}), Python {sys.version.split()[0]}, "
         f"SQLite {sqlite3.sqlite_version}, {first_line(['dcmqrscp', '--version'])}, "
-        f"{first_line(['Orthanc', '--version'])}"
+        f"{first_line(['Orthanc', '--version'])}; {calibrate.describe(calibrate.machine_speed())}"
     )
 
 

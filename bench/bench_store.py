@@ -61,6 +61,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import calibrate  # bench/, on sys.path as the script's directory
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PYTHON = sys.executable
@@ -804,6 +806,7 @@ def main() -> None:
         servers.remove("orthanc")
     results: list[Result] = []
     print(f"load average at start: {loadavg()}", flush=True)
+    print(f"machine speed at start: {calibrate.describe(calibrate.machine_speed())}", flush=True)
     try:
         with cleanup_on_signal():
             run_all(args, servers, sets, work, results)

@@ -99,3 +99,20 @@ def test_echo_rounds_compared_within_each_round(monkeypatch: pytest.MonkeyPatch)
         "- dicomd: 1 client: 1.10 0.90 0.90 (1 of 3); 4 clients: 2.22 2.22 2.22 (3 of 3)" in lines
     )
     assert not any(line.startswith("- storescp") for line in lines)
+
+
+def test_machine_speed_probe_measures_both_sides(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every benchmark prints the day's Python and C speed (bench/calibrate.py): the loop
+    time grows with the work asked of it and the digest rate is a plausible figure."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import calibrate
+
+    short = calibrate.python_loop_us(repeat=3, number=200)
+    assert 0 < short < 100_000
+    speed = calibrate.machine_speed()
+    assert 1 < speed["sha256_mb_s"] < 100_000
+    text = calibrate.describe(speed)
+    assert "µs" in text and "MB/s" in text
+    # A loop over twice the entries takes measurably longer: the probe times real work.
+    monkeypatch.setattr(calibrate, "_LOOP_SETUP", "d = {str(i): i for i in range(20000)}")
+    assert calibrate.python_loop_us(repeat=3, number=50) > short * 2
