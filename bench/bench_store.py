@@ -688,14 +688,15 @@ def table(results: list[Result]) -> str:
     ]
     for (ds, n, server), rs in sorted(groups.items()):
         ips = statistics.median(r.inst_per_s for r in rs)
-        ratio = ips / ref[(ds, n)] if (ds, n) in ref else float("nan")
+        # "—" when storescp was not among the servers (an A/B of dicomd builds)
+        ratio = f"{ips / ref[(ds, n)]:.2f}" if (ds, n) in ref else "—"
         name = "storescp --fork" if server == "storescp" and n > 1 else server
         failed = max(r.failed for r in rs)
         lines.append(
             f"| {ds} | {n} | {name} | {ips:.0f} | "
             f"{statistics.median(r.mb_per_s for r in rs):.1f} | "
             f"{statistics.median(r.cpu_ms for r in rs):.2f} | "
-            f"{statistics.median(r.rss_mib for r in rs):.0f} | {ratio:.2f} | "
+            f"{statistics.median(r.rss_mib for r in rs):.0f} | {ratio} | "
             f"{failed} | {len(rs)} |"
         )
     notes = sorted({f"{r.server} {r.dataset}x{r.assocs}: {r.note}" for r in results if r.note})

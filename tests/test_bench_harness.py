@@ -116,3 +116,12 @@ def test_machine_speed_probe_measures_both_sides(monkeypatch: pytest.MonkeyPatch
     # A loop over twice the entries takes measurably longer: the probe times real work.
     monkeypatch.setattr(calibrate, "_LOOP_SETUP", "d = {str(i): i for i in range(20000)}")
     assert calibrate.python_loop_us(repeat=3, number=50) > short * 2
+
+
+def test_store_table_without_storescp_says_so(bench_store) -> None:  # type: ignore[no-untyped-def]
+    """An A/B of two dicomd builds has no storescp to divide by: the column says "—"."""
+    R = bench_store.Result
+    rows = [R("dicomd-none", "ct", 1, 100.0, 1.0, 1.0, 90.0, 0, "")]
+    assert "| — |" in bench_store.table(rows) and "nan" not in bench_store.table(rows)
+    rows.append(R("storescp", "ct", 1, 200.0, 1.0, 1.0, 16.0, 0, ""))
+    assert "| 0.50 |" in bench_store.table(rows)
