@@ -831,6 +831,9 @@ def run_all(
 ) -> None:
     if not args.prefill_only:
         for rnd in range(args.rounds):
+            # The VM's speed for Python drifts within a run (bench/calibrate.py): say it.
+            loop_us = calibrate.python_loop_us(repeat=3)
+            print(f"round {rnd + 1}: Python dict loop {loop_us:.1f} µs", flush=True)
             for ds in args.sets.split(","):
                 for n in (int(x) for x in args.assocs.split(",")):
                     these = servers + (args.multi if n > 1 else [])
