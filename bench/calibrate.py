@@ -1,11 +1,13 @@
 """How fast this machine runs Python and C today, printed with every benchmark's results.
 
-This project's VM changes from one session to the next, and not evenly: on 2026-12-01 the
-same build of dicomd needed 40-47 µs of CPU per association in process
-(``profile_echo.py --cycle``) in the morning and 96-134 µs in the afternoon, while DCMTK's
-storescp (C, mostly kernel time) cost about the same per association both times. So a
-ratio to a C peer measured one day cannot be held against one measured another day unless
-the day's speed is known. Two short probes, taken before the servers start:
+This project's VM changes speed from one session to the next, and not evenly: on
+2026-12-01 the same build of dicomd needed 40-47 µs of CPU per association in process
+(``profile_echo.py --cycle``) at 02:00-05:00 UTC and 96-134 µs at 10:30 UTC, while DCMTK's
+storescp (C, mostly kernel time) cost about the same per association both times; within
+one hour the loop below read anything from 50 to 103 µs. So a ratio to a C peer measured
+at one time cannot be held against one measured at another unless the speed is known.
+Two short probes, taken before the servers start (bench_store.py repeats the first at
+every round):
 
 * ``python_loop_us``: a fixed dict/str loop in the interpreter running the benchmark (best
   of 5, µs per loop): what dicomd's own code pays;
